@@ -1,0 +1,108 @@
+"""``effivit`` / ``python -m effivit``: list models, benchmark them, export them, train and evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from .registry import get_entry, list_models
+
+    names = list_models(args.pattern or "", family=args.family, pretrained=args.pretrained)
+    if not names:
+        print(f"no models match {args.pattern!r}", file=sys.stderr)
+        return 1
+    for name in names:
+        if args.verbose:
+            cfg = get_entry(name).pretrained_cfg(name.partition(".")[2] or None)
+            pub = cfg.get("published")
+            top1 = f"{pub.top1:.2f}" if pub is not None and pub.top1 is not None else "-"
+            size = "x".join(str(s) for s in cfg["input_size"][1:])
+            print(f"{name:40s} {cfg['family']:20s} {size:>9s}  top1={top1}")
+        else:
+            print(name)
+    return 0
+
+
+def _add_list(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("list", help="list registered models", description="List registered models.")
+    p.add_argument("pattern", nargs="?", default="", help="glob pattern, e.g. 'nextvit*'")
+    p.add_argument("--family", default=None, help="only this family (e.g. nextvit)")
+    p.add_argument("--pretrained", action="store_true", help="list released weights (arch.tag)")
+    p.add_argument("-v", "--verbose", action="store_true", help="show family, input size and top-1")
+    p.set_defaults(func=_cmd_list)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import create_model
+    from .deploy import export_onnx, export_torchscript, fuse
+
+    torch.manual_seed(0)
+    kwargs = {"attn": args.attn} if args.attn else {}
+    model = create_model(args.model, pretrained=args.checkpoint or False, **kwargs).eval()
+    if not args.unfused:
+        model = fuse(model)
+    size = args.img_size
+    if args.format == "onnx":
+        path = export_onnx(model, args.output, img_size=size, dynamic_batch=not args.static_batch,
+                           opset=args.opset, exporter=args.exporter)
+    else:
+        path = export_torchscript(model, args.output, img_size=size)
+    print(f"wrote {path} ({'unfused' if args.unfused else 'fused'}, {args.format}, verified against PyTorch)")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="export a model to ONNX or TorchScript (fused, verified)",
+        description="Export a model (fused by default) and verify the export against PyTorch.",
+    )
+    p.add_argument("model", help="model name, e.g. nextvit_small")
+    p.add_argument("output", help="output file (.onnx or .pt)")
+    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("--img-size", type=int, nargs="+", default=[224], metavar="N",
+                   help="input size: one value (square) or H W")
+    p.add_argument("--checkpoint", default=None, help="weights: path, hf-hub:org/name, or omit for random")
+    p.add_argument("--attn", default=None, help="Next-ViT attention kind (original, bchw, xca)")
+    p.add_argument("--unfused", action="store_true", help="export the training form (no BN folding)")
+    p.add_argument("--static-batch", action="store_true", help="fix the batch dimension to 1 (ONNX)")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo",
+                   help="ONNX exporter (torch.export based, or the tracing exporter)")
+    p.set_defaults(func=_cmd_export)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="effivit", description="Efficient vision transformers built for deployment."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_list(sub)
+    _add_export(sub)
+    # Sub-commands that live with their subsystem register themselves here.
+    from .bench.command import add_parser as add_bench
+
+    add_bench(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "img_size", None) is not None and args.command == "export":
+        if len(args.img_size) not in (1, 2):
+            parser.error("--img-size takes one value (square) or two (H W)")
+        args.img_size = args.img_size[0] if len(args.img_size) == 1 else tuple(args.img_size)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"effivit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Shared building blocks: one idea per module, used by every family that needs it."""
+
+from .classifier import ClassifierHead
+from .conv_bn import ConvNorm
+from .drop import DropPath, drop_path
+from .helpers import make_divisible
+from .mlp import ConvMlp, Mlp
+from .norm import LayerNorm2d
+from .scale import LayerScale, LayerScale2d
+
+__all__ = [
+    "ClassifierHead",
+    "ConvMlp",
+    "ConvNorm",
+    "DropPath",
+    "LayerNorm2d",
+    "LayerScale",
+    "LayerScale2d",
+    "Mlp",
+    "drop_path",
+    "make_divisible",
+]

@@ -1,0 +1,145 @@
+"""The model surface every family shares, so code written for timm backbones works unchanged.
+
+``forward_features`` / ``forward_head(x, pre_logits=False)`` / ``forward``, ``reset_classifier``,
+``get_classifier``, ``set_grad_checkpointing``, ``forward_intermediates``, ``num_features``,
+``feature_info`` (a list of ``dict(num_chs, reduction, module)``) and ``pretrained_cfg``/``default_cfg``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def check_input(x: torch.Tensor, in_chans: int, size_divisor: int) -> None:
+    """Reject inputs the architecture cannot take, naming what was wrong and what is allowed."""
+    if x.dim() != 4:
+        raise ValueError(f"expected a 4-D input (B, {in_chans}, H, W), got shape {list(x.shape)}")
+    if x.shape[1] != in_chans:
+        raise ValueError(
+            f"expected {in_chans} input channels (B, {in_chans}, H, W), got {x.shape[1]} in shape {list(x.shape)}"
+        )
+    h, w = x.shape[2], x.shape[3]
+    if h % size_divisor != 0 or w % size_divisor != 0 or h == 0 or w == 0:
+        raise ValueError(
+            f"input size H={h}, W={w} is not allowed: H and W must be positive multiples of {size_divisor}"
+        )
+
+
+def run_blocks(blocks: nn.Module, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
+    """Run a sequence of blocks, recomputing activations in backward when checkpointing is on."""
+    if grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
+        for block in blocks:
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
+    return blocks(x)
+
+
+def resolve_indices(indices: int | list[int] | tuple[int, ...] | None, num_stages: int) -> list[int]:
+    """timm's convention: an int n takes the last n stages, a sequence picks stages (negative allowed)."""
+    if indices is None:
+        return list(range(num_stages))
+    if isinstance(indices, int):
+        if not 0 < indices <= num_stages:
+            raise ValueError(f"indices={indices} must be in 1..{num_stages} (the number of stages)")
+        return list(range(num_stages - indices, num_stages))
+    out = []
+    for i in indices:
+        j = i + num_stages if i < 0 else i
+        if not 0 <= j < num_stages:
+            raise ValueError(f"feature index {i} is out of range for {num_stages} stages (allowed: "
+                             f"{-num_stages}..{num_stages - 1})")
+        out.append(j)
+    return sorted(set(out))
+
+
+class Backbone(nn.Module):
+    """Base class of every effivit model.
+
+    Subclasses build ``self.stem``, ``self.stages`` (an ``nn.Sequential`` of stages), ``self.norm``
+    (applied after the last stage, may be ``nn.Identity``) and ``self.head``, and fill ``feature_info``.
+    Families with another layout override ``forward_features`` / ``forward_intermediates``.
+    """
+
+    __jit_unused_properties__ = ["default_cfg"]
+
+    def __init__(self, in_chans: int, num_classes: int, size_divisor: int) -> None:
+        super().__init__()
+        if not isinstance(in_chans, int) or in_chans < 1:
+            raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0 removes the classifier), got {num_classes!r}")
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.size_divisor = size_divisor
+        self.grad_checkpointing = False
+        self.pretrained_cfg: dict[str, Any] = {}
+        self.feature_info: list[dict[str, Any]] = []
+
+    # ---- timm surface -------------------------------------------------------------------------
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        return self.pretrained_cfg
+
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier with a freshly initialised one for ``num_classes`` (0 removes it)."""
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for m in self.modules():
+            if m is not self and hasattr(m, "grad_checkpointing"):
+                m.grad_checkpointing = enable
+
+    def check_input(self, x: torch.Tensor) -> None:
+        check_input(x, self.in_chans, self.size_divisor)
+
+    # ---- forward --------------------------------------------------------------------------------
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        x = self.stem(x)
+        x = self.stages(x)  # each stage checkpoints its own blocks when grad checkpointing is on
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Feature maps after the chosen stages (timm's signature); ``norm`` applies the final norm
+        to the last stage's map."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt={output_fmt!r} is not supported; allowed: 'NCHW'")
+        self.check_input(x)
+        take = resolve_indices(indices, len(self.stages))
+        last = len(self.stages) - 1
+        stages = self.stages if not stop_early else self.stages[: max(take) + 1]
+        intermediates = []
+        x = self.stem(x)
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take:
+                intermediates.append(self.norm(x) if (norm and i == last) else x)
+        if intermediates_only:
+            return intermediates
+        if len(stages) - 1 == last:
+            x = self.norm(x)
+        return x, intermediates
