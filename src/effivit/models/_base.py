@@ -29,13 +29,20 @@ def check_input(x: torch.Tensor, in_chans: int, size_divisor: int) -> None:
         )
 
 
-def run_blocks(blocks: nn.Module, x: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
-    """Run a sequence of blocks, recomputing activations in backward when checkpointing is on."""
-    if grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-        for block in blocks:
-            x = checkpoint(block, x, use_reentrant=False)
-        return x
-    return blocks(x)
+def checkpoint_seq(blocks: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run a sequence of blocks, recomputing each block's activations in backward.
+
+    Not scriptable (TorchScript cannot take a module argument); stages call it behind a guard that
+    TorchScript compiles away::
+
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+    """
+    for block in blocks:
+        x = checkpoint(block, x, use_reentrant=False)
+    return x
 
 
 def resolve_indices(indices: int | list[int] | tuple[int, ...] | None, num_stages: int) -> list[int]:
