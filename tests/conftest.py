@@ -50,6 +50,7 @@ def compare_with_timm(name: str, img_size: int | tuple[int, int] = 224, batch: i
     torch.manual_seed(seed)
     ref = timm.create_model(timm_name or name, pretrained=False, **kwargs).eval()
     randomize_norm_stats(ref, seed)
+    scale_classifier(ref, seed=seed)  # heads may be zero-initialised; make every logit depend on the weights
     ours = effivit.create_model(name).eval()
     effivit.load_checkpoint(ours, ref.state_dict())
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size

@@ -14,7 +14,6 @@ Three token mixers for the transformer blocks, chosen with ``attn=``:
 All three fold the block's pre-norm into their projections when fused.
 """
 
-from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from ..layers import ClassifierHead, ConvMlp, ConvNorm, DropPath, make_divisible
 from ..layers.attention import attend, heads_to_map, map_to_heads, merge_heads, split_heads
 from ..layers.xca import cross_covariance_attention
 from ..registry import FamilyDefaults, register_family
-from ._base import Backbone, run_blocks
+from ._base import Backbone, checkpoint_seq
 
 ATTN_KINDS = ("original", "bchw", "xca")
 
@@ -413,7 +412,9 @@ class NextStage(nn.Module):
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_blocks(self.blocks, x, self.grad_checkpointing)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
 
 
 class NextViT(Backbone):
