@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.command import add_parser as add_bench
 
     add_bench(sub)
+    from .train.command import add_parsers as add_train
+
+    add_train(sub)
     return parser
 
 
@@ -102,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"effivit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed early: not an error
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
