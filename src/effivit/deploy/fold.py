@@ -144,3 +144,50 @@ def conv_bn_branch(conv: nn.Conv2d | None, bn: nn.Module, channels: int, groups:
     w = conv.weight.detach() * scale.reshape(-1, 1, 1, 1)
     b = shift if conv.bias is None else conv.bias.detach() * scale + shift
     return w, b
+
+
+def fold_affine_into_output(layer: nn.Module, scale: torch.Tensor, shift: torch.Tensor | None = None) -> nn.Module:
+    """A per-output-channel affine map (y * scale + shift) applied *after* ``layer`` -> one new layer.
+
+    Covers a layer scale (``shift=None``) after a conv or linear. ``layer`` is an ``nn.Conv2d`` (any kernel
+    size, stride or grouping: output channels are scaled independently) or an ``nn.Linear``.
+    """
+    if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+        raise TypeError(f"cannot fold an output affine map into {type(layer).__name__}")
+    w = layer.weight.detach()
+    scale = scale.detach().reshape(-1)
+    b = layer.bias.detach() * scale if layer.bias is not None else torch.zeros_like(scale)
+    if shift is not None:
+        b = b + shift.detach().reshape(-1)
+    w = w * scale.reshape(-1, *([1] * (w.dim() - 1)))
+    if isinstance(layer, nn.Linear):
+        return _linear_from(w, b)
+    return _new_conv_like(layer, w, b)
+
+
+def average_linears(layers: list[nn.Linear]) -> nn.Linear:
+    """Several Linears reading the same input whose outputs are averaged -> one Linear (e.g. a classifier
+    and its distillation head at inference)."""
+    weight = torch.stack([m.weight.detach() for m in layers]).mean(0)
+    biases = [m.bias.detach() if m.bias is not None else torch.zeros_like(m.weight[:, 0]) for m in layers]
+    return _linear_from(weight, torch.stack(biases).mean(0))
+
+
+def depthwise_conv_matrix(conv: nn.Conv2d, height: int, width: int) -> torch.Tensor:
+    """A depth-wise conv (stride 1) on a fixed ``height x width`` map as per-channel matrices.
+
+    Returns ``m`` of shape (C, N, N), N = height * width, with ``out[c] = in[c] @ m[c]`` for row vectors of
+    the flattened map (the conv's bias not included). Zero padding is exact: each column is the conv of one
+    unit image. For maps of a few dozen positions one batched matmul is much cheaper on CPU than a depth-wise
+    conv call.
+    """
+    c = conv.out_channels
+    if conv.groups != c or conv.in_channels != c or conv.stride not in ((1, 1), 1):
+        raise ValueError(f"expected a stride-1 depth-wise conv (groups == channels), got {conv}")
+    n = height * width
+    w = conv.weight.detach()
+    basis = torch.eye(n, dtype=w.dtype, device=w.device).reshape(n, 1, height, width).expand(n, c, height, width)
+    cols = F.conv2d(basis, w, None, 1, conv.padding, conv.dilation, c)  # N_in, C, H, W (one unit image each)
+    if cols.shape[-2:] != (height, width):
+        raise ValueError(f"{conv} does not keep a {height}x{width} map's size (padding must be 'same')")
+    return cols.reshape(n, c, n).permute(1, 0, 2).contiguous()  # C, N_in, N_out

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..deploy.fold import fuse_conv_bn
+from ..deploy.fold import fuse_bn_linear, fuse_conv_bn, fuse_linear_bn
 
 
 class ConvNorm(nn.Module):
@@ -25,15 +25,17 @@ class ConvNorm(nn.Module):
         padding: int | None = None,
         groups: int = 1,
         dilation: int = 1,
-        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+        norm_layer: Callable[[int], nn.Module] | None = nn.BatchNorm2d,
         act_layer: Callable[[], nn.Module] | None = None,
         bn_weight_init: float = 1.0,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         if padding is None:
             padding = (kernel_size - 1) // 2 * dilation
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, dilation, groups, bias=False)
-        self.norm = norm_layer(out_chs)
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, dilation, groups, bias=bias)
+        # norm_layer=None: a plain conv (usually with bias=True), for blocks that drop some norms.
+        self.norm = norm_layer(out_chs) if norm_layer is not None else nn.Identity()
         if bn_weight_init != 1.0 and getattr(self.norm, "weight", None) is not None:
             nn.init.constant_(self.norm.weight, bn_weight_init)
         self.act = act_layer() if act_layer is not None else nn.Identity()
@@ -42,5 +44,87 @@ class ConvNorm(nn.Module):
         return self.act(self.norm(self.conv(x)))
 
     def fuse(self) -> nn.Module:
-        conv = fuse_conv_bn(self.conv, self.norm)
+        conv = self.conv if isinstance(self.norm, nn.Identity) else fuse_conv_bn(self.conv, self.norm)
+        return conv if isinstance(self.act, nn.Identity) else nn.Sequential(conv, self.act)
+
+
+# ---- LeViT-style pairs (key names ``linear``/``bn``, as in timm's LeViT and the official checkpoints) ----
+
+
+class LinearNorm(nn.Module):
+    """A bias-free ``nn.Linear`` then BatchNorm1d over its output features, for tokens of any leading shape
+    (``(B, N, C)`` or ``(B, H, W, C)``): the norm sees every token as one sample. ``fuse()`` -> one Linear."""
+
+    def __init__(self, in_features: int, out_features: int, bn_weight_init: float = 1.0) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_features, out_features, bias=False)
+        self.bn = nn.BatchNorm1d(out_features)
+        nn.init.constant_(self.bn.weight, bn_weight_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.linear(x)
+        return self.bn(x.flatten(0, -2)).reshape(x.shape)
+
+    def fuse(self) -> nn.Module:
+        return fuse_linear_bn(self.linear, self.bn)
+
+
+class LinearNorm2d(nn.Module):
+    """:class:`LinearNorm` for (B, C, H, W) maps: a bias-free conv named ``linear`` then BatchNorm2d named
+    ``bn`` (LeViT's conv form; also its stride-2 3x3 stem convs). ``fuse()`` -> one conv."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, padding: int = 0,
+                 groups: int = 1, bn_weight_init: float = 1.0) -> None:
+        super().__init__()
+        self.linear = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=False)
+        self.bn = nn.BatchNorm2d(out_chs)
+        nn.init.constant_(self.bn.weight, bn_weight_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.linear(x))
+
+    def fuse(self) -> nn.Module:
+        return fuse_conv_bn(self.linear, self.bn)
+
+
+class NormLinear(nn.Module):
+    """BatchNorm1d -> dropout -> Linear (LeViT's classifier). ``fuse()`` folds the norm into the Linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, drop: float = 0.0,
+                 std: float = 0.02) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(in_features)
+        self.drop = nn.Dropout(drop)
+        self.linear = nn.Linear(in_features, out_features, bias=bias)
+        nn.init.trunc_normal_(self.linear.weight, std=std)
+        if self.linear.bias is not None:
+            nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.drop(self.bn(x)))
+
+    def fuse(self) -> nn.Module:
+        return fuse_bn_linear(self.bn, self.linear)
+
+
+class ConvBnAct(nn.Module):
+    """``act(bn(conv(x)))`` under timm's ``ConvNorm``/``ConvNormAct`` key names (``conv``, ``bn``), with an
+    optional conv bias (EfficientFormerV2 keeps one before its norms). ``padding=None`` is "same" for odd
+    kernels. ``fuse()`` -> the conv (plus the activation)."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1,
+                 padding: int | None = None, groups: int = 1, bias: bool = True,
+                 act_layer: Callable[[], nn.Module] | None = None) -> None:
+        super().__init__()
+        if padding is None:
+            padding = (kernel_size - 1) // 2
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=bias)
+        self.bn = nn.BatchNorm2d(out_chs)
+        self.act = act_layer() if act_layer is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+    def fuse(self) -> nn.Module:
+        conv = fuse_conv_bn(self.conv, self.bn)
         return conv if isinstance(self.act, nn.Identity) else nn.Sequential(conv, self.act)

@@ -85,6 +85,10 @@ class Backbone(nn.Module):
         self.grad_checkpointing = False
         self.pretrained_cfg: dict[str, Any] = {}
         self.feature_info: list[dict[str, Any]] = []
+        # Width of forward_features' output (num_features) and of the head's pre-logits (head_hidden_size,
+        # which differs when the head has its own hidden layer); families set both.
+        self.num_features = 0
+        self.head_hidden_size = 0
 
     # ---- timm surface -------------------------------------------------------------------------
     @property
