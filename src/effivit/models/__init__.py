@@ -3,3 +3,6 @@
 from . import nextvit  # noqa: F401
 from . import efficientvit_mit  # noqa: F401
 from . import efficientvit_msra  # noqa: F401
+from . import levit  # noqa: F401
+from . import efficientformer  # noqa: F401
+from . import efficientformer_v2  # noqa: F401
