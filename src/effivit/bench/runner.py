@@ -1,0 +1,606 @@
+"""The benchmark runner: build each model once, prepare each backend once, time them, collect rows.
+
+What is timed is one forward call on a fixed input, nothing else: model building, fusing, ONNX export and
+session creation, and ``torch.compile``'s compilation all happen before the timer starts (compiled models
+and ONNX Runtime sessions are warmed up first). The backends of one model at one size and batch are timed
+in one :func:`~effivit.bench.timing.paired` call (alternating rounds), so their ratios are fair on a noisy
+machine. A model or backend that fails is recorded with the reason and the run goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import io
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .flops import achieved_gflops, count_macs, count_params
+from .pareto import pareto_front
+from .timing import Timing, paired, paired_ratio
+
+BACKENDS = ("eager", "compile", "onnxruntime")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# effivit: our fused model; unfused: ours before deploy.fuse; timm: timm's model in its own fused form.
+IMPLS = ("effivit", "unfused", "timm")
+
+# Columns of the CSV and of each JSON result, in order.
+RESULT_FIELDS = (
+    "model", "label", "impl", "family", "img_size", "batch_size", "backend", "dtype", "device", "fused",
+    "channels_last", "status", "error", "median_ms", "q1_ms", "q3_ms", "iqr_ms", "spread_pct", "p10_ms",
+    "p90_ms", "mean_ms", "min_ms", "n", "throughput_ips", "params_m", "gmacs", "achieved_gflops", "pct_of_gemm",
+    "top1", "top1_img_size", "peak_mem_mb", "mem_note", "pareto", "speedup_vs_timm", "fuse_speedup",
+)
+
+
+# --- what to measure ----------------------------------------------------------------------------------------
+
+
+def _parse_value(text: str) -> Any:
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model plus constructor arguments: ``nextvit_small:attn=xca`` on the command line."""
+
+    name: str
+    kwargs: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> ModelSpec:
+        name, _, rest = text.partition(":")
+        kwargs = []
+        for item in filter(None, rest.split(",")):
+            key, eq, value = item.partition("=")
+            if not eq or not key:
+                raise ValueError(f"model argument {item!r} in {text!r} must be key=value (e.g. nextvit_small:attn=xca)")
+            kwargs.append((key.strip(), _parse_value(value.strip())))
+        return cls(name.strip(), tuple(kwargs))
+
+    @property
+    def label(self) -> str:
+        if not self.kwargs:
+            return self.name
+        return self.name + ":" + ",".join(f"{k}={v}" for k, v in self.kwargs)
+
+    def __str__(self) -> str:
+        return self.label
+
+
+def select_models(patterns: Sequence[str]) -> list[ModelSpec]:
+    """Model specs for names, glob patterns (``'levit*'``) or ``all``; unknown names raise ``ValueError``."""
+    from ..registry import get_entry, list_models
+
+    out: list[ModelSpec] = []
+    for pat in patterns:
+        if pat == "all":
+            found = [ModelSpec(n) for n in list_models()]
+        elif any(c in pat for c in "*?[") and ":" not in pat:
+            found = [ModelSpec(n) for n in list_models(pat)]
+            if not found:
+                raise ValueError(f"no registered model matches {pat!r} (see `effivit list`)")
+        else:
+            spec = ModelSpec.parse(pat)
+            get_entry(spec.name)  # a clear error for unknown names
+            found = [spec]
+        out += [s for s in found if s not in out]
+    return out
+
+
+def param_count(name: str) -> int:
+    """Parameters of ``name`` without paying for a full build where possible: counted on the meta device,
+    else the published figure of its default weights, else counted on a CPU build."""
+    from ..factory import create_model
+    from ..registry import get_entry
+
+    try:
+        with torch.device("meta"):
+            return count_params(create_model(name))
+    except Exception:
+        pass  # some constructors compute on tensors (e.g. drop-path schedules with .item())
+    tag = get_entry(name).default_tag
+    if tag is not None and tag.published.params_m:
+        return int(tag.published.params_m * 1e6)
+    return count_params(create_model(name))
+
+
+def smallest_per_family() -> list[ModelSpec]:
+    """The smallest variant (fewest parameters) of every registered family."""
+    from ..registry import list_families, list_models
+
+    out = []
+    for fam in list_families():
+        sized = []
+        for n in list_models(family=fam):
+            try:
+                sized.append((param_count(n), n))
+            except Exception:
+                sized.append((math.inf, n))  # unbuildable: chosen only if nothing else is (and then fails loudly)
+        if sized:
+            out.append(ModelSpec(min(sized)[1]))
+    return out
+
+
+def default_models() -> list[ModelSpec]:
+    """The embedded default: smallest variant of every family, plus Next-ViT-S with each attention kind."""
+    from ..registry import builder_kwargs, get_entry
+
+    specs = smallest_per_family()
+    if is_registered("nextvit_small"):
+        entry = get_entry("nextvit_small")
+        if "attn" in builder_kwargs(entry):
+            from ..models.nextvit import ATTN_KINDS
+
+            specs = [s for s in specs if s.name != "nextvit_small"]
+            specs += [ModelSpec("nextvit_small", (("attn", k),)) for k in ATTN_KINDS]
+    return specs
+
+
+def is_registered(name: str) -> bool:
+    from ..registry import list_models
+
+    return name in list_models(name)
+
+
+@dataclass(frozen=True)
+class Settings:
+    img_sizes: tuple[int, ...] = (224,)
+    batch_sizes: tuple[int, ...] = (1,)
+    backends: tuple[str, ...] = ("eager",)
+    dtype: str = "fp32"
+    channels_last: bool = False
+    threads: int | None = None
+    device: str = "cpu"
+    warmup: int = 10
+    iters: int = 50
+    rounds: int = 5
+    # Time budget (s) for the timed calls of one model at one size and batch: slow models get fewer calls
+    # (never fewer than min_iters). None: always ``iters`` calls.
+    max_time_s: float | None = None
+    min_iters: int = 10
+    # Also time the unfused model / timm's implementation, paired with ours.
+    unfused: bool = False
+    compare_timm: bool = False
+    memory: bool = True
+    # This machine's fp32 GEMM GFLOP/s, for the pct_of_gemm column (None: not measured).
+    gemm_gflops: float | None = None
+
+    def __post_init__(self) -> None:
+        bad = [b for b in self.backends if b not in BACKENDS]
+        if bad or not self.backends:
+            raise ValueError(f"unknown backend(s) {bad}; allowed: {list(BACKENDS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}; allowed: {list(DTYPES)}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device={self.device!r}; allowed: 'cpu', 'cuda'")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' was asked for but CUDA is not available here")
+        for key in ("img_sizes", "batch_sizes"):
+            vals = getattr(self, key)
+            if not vals or any(int(v) < 1 for v in vals):
+                raise ValueError(f"{key} must be positive integers, got {vals}")
+        if self.warmup < 0 or self.iters < 1 or self.rounds < 1:
+            raise ValueError(f"warmup >= 0, iters >= 1 and rounds >= 1 are required "
+                             f"(got {self.warmup}, {self.iters}, {self.rounds})")
+        if self.max_time_s is not None and self.max_time_s < 0:
+            raise ValueError(f"max_time_s must be >= 0, got {self.max_time_s}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+# --- building and running -----------------------------------------------------------------------------------
+
+
+def build_model(spec: ModelSpec, fused: bool = True, channels_last: bool = False, device: str = "cpu") -> nn.Module:
+    """The model in eval mode (seeded random weights: latency does not depend on the values), fused."""
+    from ..deploy import fuse
+    from ..factory import create_model
+
+    torch.manual_seed(0)
+    model = create_model(spec.name, **dict(spec.kwargs)).eval()
+    if fused:
+        model = fuse(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.to(device)
+
+
+def _autocast(dtype: str, device: str):
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device, dtype=DTYPES[dtype])
+
+
+def make_forward(model: nn.Module, x: torch.Tensor, dtype: str = "fp32", channels_last: bool = False,
+                 device: str = "cpu") -> Callable[[], Any]:
+    """One timed call: ``model(x)`` under inference mode and, for fp16/bf16, autocast.
+
+    Autocast (rather than casting the weights) keeps normalisations and softmax in fp32, as deployment
+    toolchains do, and runs every model unchanged.
+    """
+    x = x.to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def fn() -> Any:
+        with torch.inference_mode(), _autocast(dtype, device):
+            return model(x)
+
+    return fn
+
+
+def published_top1(spec: ModelSpec, img_size: int) -> tuple[float | None, int | None]:
+    """Published ImageNet-1K top-1 of the model's weights at ``img_size`` if released there, else of its
+    default weights (with their resolution). ``None`` for constructor arguments that change the
+    architecture away from what was published (e.g. ``attn='xca'``)."""
+    from ..registry import get_entry
+
+    entry = get_entry(spec.name)
+    params = inspect.signature(entry.builder).parameters
+    for k, v in spec.kwargs:
+        if k not in params or params[k].default != v:
+            return None, None
+    tags = [t for t in entry.tags if t.published.top1 is not None]
+    if not tags:
+        return None, None
+    same = [t for t in tags if t.input_size[1] == img_size]
+    tag = same[0] if same else tags[0]
+    return tag.published.top1, tag.input_size[1]
+
+
+class _OnnxCache:
+    """ONNX files (one per model and size, dynamic batch) and their sessions, built once."""
+
+    def __init__(self, root: Path, threads: int | None) -> None:
+        self.root, self.threads = root, threads
+        self.paths: dict[tuple[str, str, int], Path] = {}
+        self.sessions: dict[tuple[str, str, int], Any] = {}
+
+    def session(self, key: tuple[str, str, int], model: nn.Module, device: str):
+        if key not in self.sessions:
+            from ..deploy import export_onnx
+
+            safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in f"{key[0]}_{key[1]}_{key[2]}")
+            # The exporter prints its progress on stdout; keep stdout for the results table.
+            with contextlib.redirect_stdout(io.StringIO()):
+                path = export_onnx(model, self.root / f"{safe}.onnx", img_size=key[2], dynamic_batch=True)
+            self.paths[key] = path
+            self.sessions[key] = _ort_session(path, self.threads, device)
+        return self.sessions[key]
+
+
+def _ort_session(path: Path, threads: int | None, device: str):
+    from ..deploy.export import onnx_session
+
+    if device == "cpu":
+        return onnx_session(path, threads=threads)
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise RuntimeError("onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu)")
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CUDAExecutionProvider"])
+
+
+def _short(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]
+
+
+@dataclass
+class _Candidate:
+    impl: str
+    backend: str
+    model: nn.Module | None
+    cpu_model: nn.Module | None
+    fn: Callable[[], Any] | None = None
+    error: str = ""
+    timing: Timing | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def prepare_backend(backend: str, model: nn.Module, cpu_model: nn.Module, x: torch.Tensor, settings: Settings,
+                    onnx: _OnnxCache, key: tuple[str, str, int]) -> Callable[[], Any]:
+    """A ready-to-time forward for ``backend`` (exported / compiled / warmed up as needed)."""
+    if backend == "eager":
+        return make_forward(model, x, settings.dtype, settings.channels_last, settings.device)
+    if backend == "compile":
+        compiled = torch.compile(model, dynamic=False)
+        fn = make_forward(compiled, x, settings.dtype, settings.channels_last, settings.device)
+        fn()  # compile now, before any timing
+        return fn
+    if backend == "onnxruntime":
+        if settings.dtype != "fp32":
+            raise RuntimeError(f"the onnxruntime backend measures the fp32 export only (asked for {settings.dtype})")
+        sess = onnx.session(key, cpu_model, settings.device)
+        feed = {sess.get_inputs()[0].name: x.cpu().numpy()}
+        return lambda: sess.run(None, feed)
+    raise ValueError(f"unknown backend {backend!r}; allowed: {list(BACKENDS)}")
+
+
+def _warm(c: _Candidate, settings: Settings) -> float:
+    """Warm ``c`` up; returns the duration (s) of its last warm-up call (the per-call estimate)."""
+    start = time.perf_counter()
+    last = 0.0
+    for i in range(max(1, settings.warmup)):
+        t0 = time.perf_counter()
+        c.fn()
+        if settings.device == "cuda":
+            torch.cuda.synchronize()
+        last = time.perf_counter() - t0
+        # A slow model gets fewer warm-up calls (at least 2) rather than minutes of them.
+        if settings.max_time_s and i >= 1 and time.perf_counter() - start > settings.max_time_s / 4:
+            break
+    return last
+
+
+def _time_candidates(cands: list[_Candidate], settings: Settings) -> None:
+    ready = []
+    per_call = 0.0
+    for c in cands:
+        if c.fn is None:
+            continue
+        try:
+            per_call += _warm(c, settings)
+            ready.append(c)
+        except Exception as e:
+            c.error, c.fn = f"{c.backend}: {_short(e)}", None
+    if not ready:
+        return
+    iters = settings.iters
+    if settings.max_time_s and per_call > 0:
+        # Cap the timed work of this model at about max_time_s, but never below min_iters calls each.
+        iters = max(min(settings.iters, settings.min_iters), min(iters, int(settings.max_time_s / per_call)))
+    rounds = max(1, min(settings.rounds, iters))
+    per_round = max(1, math.ceil(iters / rounds))
+    fns = {f"{c.impl}/{c.backend}": c.fn for c in ready}
+    try:
+        res = paired(fns, rounds=rounds, iters_per_round=per_round, warmup=0, device=settings.device)
+        for c in ready:
+            c.timing = res[f"{c.impl}/{c.backend}"]
+        return
+    except Exception:
+        pass  # one of them fails while running: time each alone so the others still get numbers
+    for c in ready:
+        try:
+            c.timing = paired({"x": c.fn}, rounds=rounds, iters_per_round=per_round, warmup=0,
+                              device=settings.device)["x"]
+        except Exception as e:
+            c.error, c.fn = f"timing: {_short(e)}", None
+
+
+def _timm_model(spec: ModelSpec, ours: nn.Module) -> nn.Module:
+    """timm's implementation of the same model with our weights, in timm's own fused form."""
+    import timm
+    from timm.utils.model import reparameterize_model
+
+    if spec.kwargs:
+        raise RuntimeError(f"timm has no counterpart of {spec.label} (constructor arguments)")
+    theirs = timm.create_model(spec.name, pretrained=False).eval()
+    missing = _copy_weights(ours, theirs)
+    if missing:
+        raise RuntimeError(f"could not give timm's {spec.name} our weights: {missing}")
+    return reparameterize_model(theirs)
+
+
+def _copy_weights(ours: nn.Module, theirs: nn.Module) -> str:
+    """Load timm's random init into ours (unfused) so both hold the same weights; '' on success."""
+    from ..checkpoint import load_checkpoint
+
+    try:
+        load_checkpoint(ours, theirs.state_dict())
+    except Exception as e:
+        return _short(e)
+    return ""
+
+
+def run_benchmark(
+    specs: Iterable[ModelSpec],
+    settings: Settings,
+    progress: bool = True,
+    workdir: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Measure every spec at every size x batch x backend; one row (dict with ``RESULT_FIELDS``) each."""
+    from tqdm.auto import tqdm
+
+    from ..registry import get_entry
+
+    specs = list(specs)
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    impls = [i for i in IMPLS if i == "effivit" or (i == "unfused" and settings.unfused)
+             or (i == "timm" and settings.compare_timm)]
+    total = len(specs) * len(settings.img_sizes) * len(settings.batch_sizes) * len(settings.backends) * len(impls)
+    rows: list[dict[str, Any]] = []
+    tmp = tempfile.TemporaryDirectory(prefix="effivit-bench-") if workdir is None else None
+    root = Path(workdir) if workdir is not None else Path(tmp.name)
+    onnx = _OnnxCache(root, settings.threads)
+    bar = tqdm(total=total, disable=not progress, unit="run", dynamic_ncols=True, file=sys.stderr)
+    try:
+        for spec in specs:
+            bar.set_postfix_str(spec.label)
+            rows += _bench_spec(spec, settings, impls, onnx, bar, get_entry, log)
+    finally:
+        bar.close()
+        if tmp is not None:
+            tmp.cleanup()
+    mark_pareto(rows)
+    return rows
+
+
+def _base_row(spec: ModelSpec, settings: Settings, family: str, impl: str, size: int, batch: int,
+              backend: str) -> dict[str, Any]:
+    row: dict[str, Any] = dict.fromkeys(RESULT_FIELDS)
+    row.update(model=spec.name, label=spec.label, impl=impl, family=family, img_size=size, batch_size=batch,
+               backend=backend, dtype=settings.dtype, device=settings.device, fused=impl != "unfused",
+               channels_last=settings.channels_last, status="failed", error="", pareto=False)
+    return row
+
+
+def _bench_spec(spec, settings, impls, onnx, bar, get_entry, log) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    combos = [(s, b) for s in settings.img_sizes for b in settings.batch_sizes]
+    n_per_combo = len(settings.backends) * len(impls)
+    try:
+        family = get_entry(spec.name).family
+    except Exception as e:
+        family = ""
+        err = f"unknown model: {_short(e)}"
+        for s, b in combos:
+            for impl in impls:
+                rows += [dict(_base_row(spec, settings, family, impl, s, b, k), error=err) for k in settings.backends]
+        bar.update(len(combos) * n_per_combo)
+        return rows
+    models: dict[str, tuple[nn.Module | None, nn.Module | None, str]] = {}
+    try:
+        cpu_model = build_model(spec, fused=False)
+        params = count_params(cpu_model)
+    except Exception as e:
+        log(f"{spec.label}: build failed: {_short(e)}")
+        cpu_model, params = None, None
+        models["effivit"] = (None, None, f"build: {_short(e)}")
+    if cpu_model is not None and "timm" in impls:
+        try:
+            models["timm"] = _on_device(_timm_model(spec, cpu_model), settings)
+        except Exception as e:
+            models["timm"] = (None, None, f"timm: {_short(e)}")
+    if cpu_model is not None:
+        try:
+            from ..deploy import fuse
+
+            models["effivit"] = _on_device(fuse(cpu_model), settings)
+        except Exception as e:
+            models["effivit"] = (None, None, f"fuse: {_short(e)}")
+        if "unfused" in impls:
+            models["unfused"] = _on_device(cpu_model, settings)
+    for size, batch in combos:
+        top1, top1_size = (None, None)
+        with contextlib.suppress(Exception):
+            top1, top1_size = published_top1(spec, size)
+        x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+        cands: list[_Candidate] = []
+        macs: int | None = None
+        for impl in impls:
+            model, mcpu, err = models.get(impl, (None, None, "not built"))
+            if model is not None and impl != "timm":
+                try:
+                    # Counted on the fused graph (what is timed); the unfused rows show the fused count too.
+                    macs = count_macs(model, x[:1].to(settings.device)) if macs is None else macs
+                except Exception as e:
+                    err = f"forward at {size}x{size}: {_short(e)}"
+                    model = None
+            for backend in settings.backends:
+                c = _Candidate(impl, backend, model, mcpu, error=err)
+                if model is not None:
+                    try:
+                        c.fn = prepare_backend(backend, model, mcpu, x, settings, onnx, (impl, spec.label, size))
+                    except Exception as e:
+                        c.error = f"{backend}: {_short(e)}"
+                cands.append(c)
+        _time_candidates(cands, settings)
+        ours = {c.backend: c.timing for c in cands if c.impl == "effivit" and c.timing is not None}
+        for c in cands:
+            row = _base_row(spec, settings, family, c.impl, size, batch, c.backend)
+            row.update(params_m=None if params is None else params / 1e6, top1=top1, top1_img_size=top1_size,
+                       gmacs=None if macs is None else macs / 1e9)
+            if c.timing is None:
+                row["error"] = c.error or "not run"
+                log(f"{spec.label} [{c.impl}/{c.backend}] {size}px b{batch}: FAILED {row['error']}")
+            else:
+                t = c.timing
+                row.update(status="ok", throughput_ips=t.throughput(batch), **t.summary())
+                row["n"] = len(t.samples_ms)
+                if macs is not None:
+                    row["achieved_gflops"] = achieved_gflops(macs * batch, t.median_ms)
+                    if settings.gemm_gflops:
+                        row["pct_of_gemm"] = 100.0 * row["achieved_gflops"] / settings.gemm_gflops
+                row["peak_mem_mb"], row["mem_note"] = _memory(spec, c, x, size, batch, settings, onnx)
+            rows.append(row)
+            bar.update(1)
+        # On our rows: how many times faster ours is than the other form (median of per-round ratios).
+        for other, column in (("timm", "speedup_vs_timm"), ("unfused", "fuse_speedup")):
+            theirs = {c.backend: c.timing for c in cands if c.impl == other and c.timing is not None}
+            for row in rows[-len(cands):]:
+                b = row["backend"]
+                if row["impl"] == "effivit" and b in ours and b in theirs:
+                    row[column] = paired_ratio(theirs[b], ours[b])
+    return rows
+
+
+def _on_device(cpu_model: nn.Module, settings: Settings) -> tuple[nn.Module, nn.Module, str]:
+    """(model on the device in the requested memory format, its CPU twin for export, no error)."""
+    if settings.channels_last:
+        cpu_model = cpu_model.to(memory_format=torch.channels_last)
+    model = cpu_model if settings.device == "cpu" else copy.deepcopy(cpu_model).to(settings.device)
+    return model, cpu_model, ""
+
+
+def _memory(spec, c: _Candidate, x, size, batch, settings: Settings, onnx: _OnnxCache) -> tuple[float | None, str]:
+    if not settings.memory:
+        return None, "not measured (--no-memory)"
+    if c.backend == "compile":
+        return None, "not measured for compile (see eager)"
+    try:
+        if settings.device == "cuda":
+            if c.backend == "onnxruntime":
+                return None, "not measured for onnxruntime on CUDA"
+            from .memory import measure_cuda_peak
+
+            return measure_cuda_peak(c.fn), "torch.cuda.max_memory_allocated"
+        if c.impl != "effivit":
+            return None, "not measured for timm"
+        from .memory import measure_cpu_peak
+
+        job = {"spec": spec.label, "img_size": size, "batch_size": batch, "backend": c.backend,
+               "dtype": settings.dtype, "channels_last": settings.channels_last, "fused": c.impl != "unfused",
+               "threads": settings.threads or torch.get_num_threads(),
+               "onnx_path": str(onnx.paths.get((c.impl, spec.label, size), ""))}
+        return measure_cpu_peak(job)
+    except Exception as e:
+        return None, f"memory: {_short(e)}"
+
+
+# --- after the run ------------------------------------------------------------------------------------------
+
+
+def mark_pareto(rows: list[dict[str, Any]]) -> None:
+    """Set ``pareto`` on each row: on the top-1/latency front among our fused models of the same setting
+    (the unfused and timm rows are references, not candidates)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        r["pareto"] = False
+        if r.get("status") == "ok" and r.get("impl", "effivit") == "effivit":
+            key = (r["img_size"], r["batch_size"], r["backend"], r["dtype"], r["device"], r.get("impl", "effivit"))
+            groups.setdefault(key, []).append(r)
+    for grp in groups.values():
+        for r, on in zip(grp, pareto_front([r.get("median_ms") for r in grp], [r.get("top1") for r in grp])):
+            r["pareto"] = on
+
+
+def with_settings(settings: Settings, **changes: Any) -> Settings:
+    return replace(settings, **changes)
