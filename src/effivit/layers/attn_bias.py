@@ -193,7 +193,13 @@ class AttentionBiasBase(nn.Module):
             if self.bias_cache_grid[0] == key_h and self.bias_cache_grid[1] == key_w:
                 return self.attention_bias_cache
             return self.compute_attention_bias(key_h, key_w)
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            # torch.compile: reading storage pointers/version counters would break the graph and recompile
+            # on every call, so a cache built eagerly for this grid (fuse/set_input_size) is trusted as is.
+            if self.bias_cache_grid == (key_h, key_w) and self._bias_stamp is not None:
+                return self.attention_bias_cache
+            return self.compute_attention_bias(key_h, key_w)
+        if torch.jit.is_tracing():
             # Graph capture must not mutate module state: use the cache if it fits, else compute in-graph.
             if self.bias_cache_grid == (key_h, key_w) and self._bias_stamp_valid(key_h, key_w):
                 return self.attention_bias_cache
