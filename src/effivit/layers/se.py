@@ -3,7 +3,7 @@
 One module for every family. Parameter names (``fc1``, ``bn``, ``fc2``) and shapes (1x1 convs) follow timm's
 ``SEModule``, so RepViT/EfficientViT-style checkpoints load unchanged. The squeeze runs on the pooled
 (B, C) vector with ``F.linear`` on the conv weights viewed as matrices: the same numbers as a 1x1 conv on a
-1x1 map, without the convolution dispatch (measurably cheaper on CPU at batch 1).
+1x1 map without the convolution dispatch (as fast at batch 1, 5-20% faster at batch 8 on CPU).
 """
 
 from __future__ import annotations

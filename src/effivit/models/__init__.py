@@ -1,6 +1,7 @@
 """One file per family; importing this package registers every variant."""
 
 from . import nextvit  # noqa: F401
+from . import fastvit  # noqa: F401
 from . import efficientvit_mit  # noqa: F401
 from . import efficientvit_msra  # noqa: F401
 from . import levit  # noqa: F401
