@@ -7,3 +7,5 @@ from . import efficientvit_msra  # noqa: F401
 from . import levit  # noqa: F401
 from . import efficientformer  # noqa: F401
 from . import efficientformer_v2  # noqa: F401
+from . import convnext  # noqa: F401
+from . import repvit  # noqa: F401
