@@ -26,7 +26,7 @@ def small_size(name: str) -> int:
     return max(64, 2 * divisor)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def smallest_variant(family: str) -> str:
     """The family's variant with the fewest published parameters (counted when none are published)."""
 
