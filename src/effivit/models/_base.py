@@ -154,3 +154,87 @@ class Backbone(nn.Module):
         if len(stages) - 1 == last:
             x = self.norm(x)
         return x, intermediates
+
+
+GLOBAL_POOLS = ("avg", "")
+
+
+class DistilledBackbone(Backbone):
+    """A backbone with a classifier and a distillation classifier (DeiT, arXiv:2012.12877).
+
+    Training returns ``(logits, logits_dist)`` (``set_distilled_training(False)``: their mean); eval returns
+    their mean. At deploy time ``merge_distilled_heads`` turns the two Linears into one (the mean of two affine
+    maps is one), and ``use_channels_last`` keeps the maps in channels_last memory (oneDNN's fast convolutions
+    on CPU), converting the input once at the stem via ``stem_input``. Subclasses build ``self.head`` and
+    ``self.head_dist`` with ``_new_head`` and pool in ``forward_head`` before calling ``classify``.
+    """
+
+    def __init__(self, in_chans: int, num_classes: int, size_divisor: int, global_pool: str = "avg") -> None:
+        super().__init__(in_chans, num_classes, size_divisor)
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool={global_pool!r} is not supported; allowed: {GLOBAL_POOLS}")
+        self.global_pool = global_pool
+        self.distilled_training = True
+        self.merged_heads = False  # set at deploy time: head holds the average of both heads
+        self.channels_last = False  # set at deploy time
+
+    def _new_head(self, num_classes: int) -> nn.Module:
+        raise NotImplementedError
+
+    @torch.jit.ignore
+    def get_classifier(self) -> tuple[nn.Module, nn.Module]:
+        return self.head, self.head_dist
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New heads for ``num_classes`` (0 removes them), on the model's device/dtype and in its mode."""
+        if global_pool is not None:
+            if global_pool not in GLOBAL_POOLS:
+                raise ValueError(f"global_pool={global_pool!r} is not supported; allowed: {GLOBAL_POOLS}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        ref = next(iter(self.parameters()))
+        self.head = self._new_head(num_classes).to(ref.device, ref.dtype).train(self.training)
+        self.head_dist = self._new_head(num_classes).to(ref.device, ref.dtype).train(self.training)
+        self.merged_heads = False
+
+    @torch.jit.ignore
+    def set_distilled_training(self, enable: bool = True) -> None:
+        """True (default): training mode returns (logits, logits_dist). False: their mean, as in eval."""
+        self.distilled_training = enable
+
+    @torch.jit.ignore
+    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
+        """Prepare the attention biases for inputs of ``img_size`` (resampled once, then cached)."""
+        from ..layers.attn_bias import build_bias_caches
+
+        h, w = (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
+        self.check_input(torch.empty(1, self.in_chans, h, w, device="meta"))
+        build_bias_caches(self, (h, w))
+
+    def stem_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def classify(self, x: torch.Tensor):
+        """Both heads on pooled features: the pair while distillation-training, else their mean."""
+        if self.merged_heads:
+            return self.head(x)
+        out, out_dist = self.head(x), self.head_dist(x)
+        if self.training and self.distilled_training and not torch.jit.is_scripting():
+            return out, out_dist
+        return (out + out_dist) / 2
+
+    @torch.jit.ignore
+    def merge_distilled_heads(self) -> None:
+        from ..deploy.fold import average_linears
+
+        if isinstance(self.head, nn.Linear) and isinstance(self.head_dist, nn.Linear):
+            self.head = average_linears([self.head, self.head_dist])
+            self.head_dist = nn.Identity()
+            self.merged_heads = True
+
+    @torch.jit.ignore
+    def use_channels_last(self) -> None:
+        self.to(memory_format=torch.channels_last)
+        self.channels_last = True

@@ -28,17 +28,16 @@ import torch
 from torch import nn
 
 from ..checkpoint import CheckpointError
-from ..deploy.fold import average_linears, fold_affine_into_output, fuse_conv_bn
+from ..deploy.fold import fold_affine_into_output, fuse_conv_bn
 from ..layers import DropPath, LayerScale, LayerScale2d, Mlp
 from ..layers.attn_bias import (
     AttentionBiasBase,
     biased_attention,
-    build_bias_caches,
     fold_scale_into_rows,
     offset_index,
 )
 from ..registry import FamilyDefaults, register_family
-from ._base import Backbone, checkpoint_seq, resolve_indices
+from ._base import DistilledBackbone, checkpoint_seq, resolve_indices
 
 TRAIN_SIZE = 224
 
@@ -81,10 +80,6 @@ DEFAULTS = FamilyDefaults(
     has_distill_head=True,
     paper="EfficientFormer: Vision Transformers at MobileNet Speed (arXiv:2206.01191)",
 )
-
-
-def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 class Attention(AttentionBiasBase):
@@ -271,16 +266,10 @@ class Stem4(nn.Sequential):
                              fuse_conv_bn(self.conv2, self.norm2), self.act2)
 
 
-class EfficientFormer(Backbone):
+class EfficientFormer(DistilledBackbone):
     def __init__(self, cfg: EfficientFormerConfig, num_classes: int = 1000, in_chans: int = 3,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, global_pool: str = "avg") -> None:
-        super().__init__(in_chans, num_classes, DEFAULTS.size_divisor)
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool={global_pool!r} is not supported; allowed: 'avg', ''")
-        self.global_pool = global_pool
-        self.distilled_training = True
-        self.merged_heads = False  # set by fuse(): head holds the average of both heads
-        self.channels_last = False  # set by fuse()
+        super().__init__(in_chans, num_classes, DEFAULTS.size_divisor, global_pool)
         self.stem = Stem4(in_chans, cfg.embed_dims[0])
         # timm's stage-wise drop-path rule: linear over all blocks, split per stage.
         dpr = torch.linspace(0, drop_path_rate, sum(cfg.depths)).split(list(cfg.depths))
@@ -309,8 +298,8 @@ class EfficientFormer(Backbone):
         self.num_features = self.head_hidden_size = prev
         self.norm = nn.LayerNorm(prev) if self.tokens_out else nn.BatchNorm2d(prev)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(prev, num_classes) if num_classes > 0 else nn.Identity()
-        self.head_dist = nn.Linear(prev, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = self._new_head(num_classes)
+        self.head_dist = self._new_head(num_classes)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -320,51 +309,20 @@ class EfficientFormer(Backbone):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    # ---- heads ----------------------------------------------------------------------------------
-    @torch.jit.ignore
-    def get_classifier(self) -> tuple[nn.Module, nn.Module]:
-        return self.head, self.head_dist
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool={global_pool!r} is not supported; allowed: 'avg', ''")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        ref = self.stem.conv1.weight if isinstance(self.stem, Stem4) else next(iter(self.parameters()))
-        for name in ("head", "head_dist"):
-            layer = nn.Linear(self.num_features, num_classes).to(ref.device, ref.dtype) if num_classes > 0 \
-                else nn.Identity()
-            if isinstance(layer, nn.Linear):
-                nn.init.trunc_normal_(layer.weight, std=0.02)
-                nn.init.zeros_(layer.bias)
-            setattr(self, name, layer.train(self.training))
-        self.merged_heads = False
-
-    @torch.jit.ignore
-    def set_distilled_training(self, enable: bool = True) -> None:
-        """True (default): training mode returns (logits, logits_dist). False: their mean, as in eval."""
-        self.distilled_training = enable
-
-    @torch.jit.ignore
-    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
-        """Prepare the attention biases for inputs of ``img_size`` (resampled once, then cached)."""
-        h, w = _pair(img_size)
-        self.check_input(torch.empty(1, self.in_chans, h, w, device="meta"))
-        build_bias_caches(self, (h, w))
+    def _new_head(self, num_classes: int) -> nn.Module:
+        if num_classes <= 0:
+            return nn.Identity()
+        head = nn.Linear(self.num_features, num_classes)
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+        return head
 
     # ---- forward --------------------------------------------------------------------------------
-    def _stem_input(self, x: torch.Tensor) -> torch.Tensor:
-        # Fused models keep their maps in channels_last memory (set by fuse()); convert the input once.
-        if self.channels_last:
-            return x.contiguous(memory_format=torch.channels_last)
-        return x
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) after the final LayerNorm (a permuted view of the (B, H, W, C) tokens; timm's returns
         (B, N, C))."""
         self.check_input(x)
-        x = self.stages(self.stem(self._stem_input(x)))
+        x = self.stages(self.stem(self.stem_input(x)))
         x = self.norm(x)
         return x.permute(0, 3, 1, 2) if self.tokens_out else x
 
@@ -374,12 +332,7 @@ class EfficientFormer(Backbone):
         x = self.head_drop(x)
         if pre_logits:
             return x
-        if self.merged_heads:
-            return self.head(x)
-        out, out_dist = self.head(x), self.head_dist(x)
-        if self.training and self.distilled_training and not torch.jit.is_scripting():
-            return out, out_dist
-        return (out + out_dist) / 2
+        return self.classify(x)
 
     def forward(self, x: torch.Tensor):
         return self.forward_head(self.forward_features(x))
@@ -402,7 +355,7 @@ class EfficientFormer(Backbone):
         take = resolve_indices(indices, len(self.stages))
         last = len(self.stages) - 1
         stages = self.stages if not stop_early else self.stages[: max(take) + 1]
-        x = self.stem(self._stem_input(x))
+        x = self.stem(self.stem_input(x))
         intermediates = []
         for i, stage in enumerate(stages):
             x = stage(x)
@@ -422,12 +375,8 @@ class EfficientFormer(Backbone):
         """Called by ``deploy.fuse`` after the children are folded: merge the two heads (eval returns their
         mean, an affine map) into one Linear, and run in channels_last (oneDNN's fast convolutions on CPU;
         the input is converted once at the stem)."""
-        if isinstance(self.head, nn.Linear) and isinstance(self.head_dist, nn.Linear):
-            self.head = average_linears([self.head, self.head_dist])
-            self.head_dist = nn.Identity()
-            self.merged_heads = True
-        self.to(memory_format=torch.channels_last)
-        self.channels_last = True
+        self.merge_distilled_heads()
+        self.use_channels_last()
         return self
 
 

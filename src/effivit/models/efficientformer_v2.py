@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..deploy.fold import (
-    average_linears,
     fold_affine_into_output,
     fuse_bn_linear,
     identity_kernel,
@@ -42,14 +41,13 @@ from ..layers import DropPath, LayerScale2d
 from ..layers.attn_bias import (
     AttentionBiasBase,
     biased_attention,
-    build_bias_caches,
     fold_scale_into_rows,
     gather_attention_bias,
     query_grid,
 )
 from ..layers.conv_bn import ConvBnAct
 from ..registry import FamilyDefaults, register_family
-from ._base import Backbone, checkpoint_seq
+from ._base import DistilledBackbone, checkpoint_seq
 
 TRAIN_SIZE = 224
 
@@ -103,10 +101,6 @@ DEFAULTS = FamilyDefaults(
     has_distill_head=True,
     paper="Rethinking Vision Transformers for MobileNet Size and Speed (arXiv:2212.08059)",
 )
-
-
-def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def _cat_convs(convs: list[nn.Conv2d]) -> nn.Conv2d:
@@ -395,16 +389,10 @@ class Stem4(nn.Sequential):
         self.conv2 = ConvBnAct(out_chs // 2, out_chs, 3, stride=2, padding=1, act_layer=nn.GELU)
 
 
-class EfficientFormerV2(Backbone):
+class EfficientFormerV2(DistilledBackbone):
     def __init__(self, cfg: EfficientFormerV2Config, num_classes: int = 1000, in_chans: int = 3,
                  drop_rate: float = 0.0, drop_path_rate: float | None = None, global_pool: str = "avg") -> None:
-        super().__init__(in_chans, num_classes, DEFAULTS.size_divisor)
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool={global_pool!r} is not supported; allowed: 'avg', ''")
-        self.global_pool = global_pool
-        self.distilled_training = True
-        self.merged_heads = False  # set by fuse(): head holds the average of both heads
-        self.channels_last = False  # set by fuse()
+        super().__init__(in_chans, num_classes, DEFAULTS.size_divisor, global_pool)
         dp_total = cfg.drop_path_rate if drop_path_rate is None else drop_path_rate
         dpr = torch.linspace(0, dp_total, sum(cfg.depths)).split(list(cfg.depths))
         self.stem = Stem4(in_chans, cfg.embed_dims[0])
@@ -432,8 +420,8 @@ class EfficientFormerV2(Backbone):
         self.num_features = self.head_hidden_size = prev
         self.norm = nn.BatchNorm2d(prev)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(prev, num_classes) if num_classes > 0 else nn.Identity()
-        self.head_dist = nn.Linear(prev, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = self._new_head(num_classes)
+        self.head_dist = self._new_head(num_classes)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -443,49 +431,18 @@ class EfficientFormerV2(Backbone):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    # ---- heads ----------------------------------------------------------------------------------
-    @torch.jit.ignore
-    def get_classifier(self) -> tuple[nn.Module, nn.Module]:
-        return self.head, self.head_dist
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool={global_pool!r} is not supported; allowed: 'avg', ''")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        ref = next(iter(self.parameters()))
-        for name in ("head", "head_dist"):
-            layer = nn.Linear(self.num_features, num_classes).to(ref.device, ref.dtype) if num_classes > 0 \
-                else nn.Identity()
-            if isinstance(layer, nn.Linear):
-                nn.init.trunc_normal_(layer.weight, std=0.02)
-                nn.init.zeros_(layer.bias)
-            setattr(self, name, layer.train(self.training))
-        self.merged_heads = False
-
-    @torch.jit.ignore
-    def set_distilled_training(self, enable: bool = True) -> None:
-        """True (default): training mode returns (logits, logits_dist). False: their mean, as in eval."""
-        self.distilled_training = enable
-
-    @torch.jit.ignore
-    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
-        """Prepare the attention biases for inputs of ``img_size`` (resampled once, then cached)."""
-        h, w = _pair(img_size)
-        self.check_input(torch.empty(1, self.in_chans, h, w, device="meta"))
-        build_bias_caches(self, (h, w))
+    def _new_head(self, num_classes: int) -> nn.Module:
+        if num_classes <= 0:
+            return nn.Identity()
+        head = nn.Linear(self.num_features, num_classes)
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+        return head
 
     # ---- forward --------------------------------------------------------------------------------
-    def _stem_input(self, x: torch.Tensor) -> torch.Tensor:
-        # Fused models keep their maps in channels_last memory (set by fuse()); convert the input once.
-        if self.channels_last:
-            return x.contiguous(memory_format=torch.channels_last)
-        return x
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        x = self.stages(self.stem(self._stem_input(x)))
+        x = self.stages(self.stem(self.stem_input(x)))
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
@@ -494,12 +451,7 @@ class EfficientFormerV2(Backbone):
         x = self.head_drop(x)
         if pre_logits:
             return x
-        if self.merged_heads:
-            return self.head(x)
-        out, out_dist = self.head(x), self.head_dist(x)
-        if self.training and self.distilled_training and not torch.jit.is_scripting():
-            return out, out_dist
-        return (out + out_dist) / 2
+        return self.classify(x)
 
     def forward(self, x: torch.Tensor):
         return self.forward_head(self.forward_features(x))
@@ -509,17 +461,13 @@ class EfficientFormerV2(Backbone):
         """Called by ``deploy.fuse`` after the children are folded: merge the two heads (eval returns their
         mean, an affine map) into one Linear, and run in channels_last (oneDNN's fast convolutions on CPU;
         the input is converted once at the stem)."""
-        if isinstance(self.head, nn.Linear) and isinstance(self.head_dist, nn.Linear):
-            self.head = average_linears([self.head, self.head_dist])
-            self.head_dist = nn.Identity()
-            self.merged_heads = True
+        self.merge_distilled_heads()
         if self.global_pool == "avg" and isinstance(self.head, nn.Linear) and isinstance(self.norm, nn.BatchNorm2d):
             # An eval BatchNorm is per-channel affine, so it commutes with average pooling and folds into the
             # classifier (the fused model's forward_features then stops before that affine map).
             self.head = fuse_bn_linear(self.norm, self.head)
             self.norm = nn.Identity()
-        self.to(memory_format=torch.channels_last)
-        self.channels_last = True
+        self.use_channels_last()
         return self
 
 

@@ -30,18 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..deploy.fold import average_linears, fuse_conv_bn
+from ..deploy.fold import fuse_conv_bn
 from ..layers import DropPath
 from ..layers.attn_bias import (
     AttentionBiasBase,
     biased_attention,
-    build_bias_caches,
     fold_scale_into_rows,
     query_grid,
 )
 from ..layers.conv_bn import LinearNorm, LinearNorm2d, NormLinear
 from ..registry import FamilyDefaults, register_family
-from ._base import Backbone, checkpoint_seq, resolve_indices
+from ._base import DistilledBackbone, checkpoint_seq, resolve_indices
 
 TRAIN_SIZE = 224  # the attention-bias tables are sized for this input (14x14 tokens after the stem)
 
@@ -95,10 +94,6 @@ DEFAULTS = FamilyDefaults(
     has_distill_head=True,
     paper="LeViT: a Vision Transformer in ConvNet's Clothing for Faster Inference (arXiv:2104.01136)",
 )
-
-
-def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 def _has_onednn_linear() -> bool:
@@ -430,7 +425,7 @@ class Stem16(nn.Sequential):
                 self.add_module(f"act{i + 1}", act_layer())
 
 
-class Levit(Backbone):
+class Levit(DistilledBackbone):
     """LeViT with its distillation head (``head`` and ``head_dist``, timm's ``LevitDistilled``)."""
 
     # Read once when scripting (TorchScript drops the branch not taken).
@@ -438,15 +433,9 @@ class Levit(Backbone):
 
     def __init__(self, cfg: LevitConfig, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
                  drop_path_rate: float | None = None, global_pool: str = "avg") -> None:
-        super().__init__(in_chans, num_classes, DEFAULTS.size_divisor)
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool={global_pool!r} is not supported; allowed: 'avg', ''")
+        super().__init__(in_chans, num_classes, DEFAULTS.size_divisor, global_pool)
         self.use_conv = cfg.use_conv
-        self.global_pool = global_pool
         self.drop_rate = drop_rate
-        self.distilled_training = True
-        self.merged_heads = False  # set by fuse(): head holds the average of both heads
-        self.channels_last = False  # set by fuse()
         dp = cfg.drop_path_rate if drop_path_rate is None else drop_path_rate
         self.stem = Stem16(in_chans, cfg.embed_dim[0])
         res = (TRAIN_SIZE // 16, TRAIN_SIZE // 16)
@@ -479,41 +468,7 @@ class Levit(Backbone):
         ref = next(iter(self.stem.parameters()))
         return NormLinear(self.num_features, num_classes, drop=self.drop_rate).to(ref.device, ref.dtype)
 
-    # ---- heads ----------------------------------------------------------------------------------
-    @torch.jit.ignore
-    def get_classifier(self) -> tuple[nn.Module, nn.Module]:
-        return self.head, self.head_dist
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool={global_pool!r} is not supported; allowed: 'avg', ''")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = self._new_head(num_classes).train(self.training)
-        self.head_dist = self._new_head(num_classes).train(self.training)
-        self.merged_heads = False
-
-    @torch.jit.ignore
-    def set_distilled_training(self, enable: bool = True) -> None:
-        """True (default): training mode returns (logits, logits_dist). False: their mean, as in eval."""
-        self.distilled_training = enable
-
-    # ---- resolution ----------------------------------------------------------------------------
-    @torch.jit.ignore
-    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
-        """Prepare the attention biases for inputs of ``img_size`` (resampled once, then cached)."""
-        h, w = _pair(img_size)
-        self.check_input(torch.empty(1, self.in_chans, h, w, device="meta"))
-        build_bias_caches(self, (h, w))
-
     # ---- forward --------------------------------------------------------------------------------
-    def _stem_input(self, x: torch.Tensor) -> torch.Tensor:
-        # Fused models keep their maps in channels_last memory (set by fuse()); convert the input once.
-        if self.channels_last:
-            return x.contiguous(memory_format=torch.channels_last)
-        return x
-
     def _to_tokens(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.use_conv else x.permute(0, 2, 3, 1).contiguous()  # B, H, W, C
 
@@ -521,7 +476,7 @@ class Levit(Backbone):
         """(B, C, H, W) in both forms (the linear form returns a permuted view of its (B, H, W, C) tokens;
         timm's returns (B, N, C))."""
         self.check_input(x)
-        x = self._to_tokens(self.stem(self._stem_input(x)))
+        x = self._to_tokens(self.stem(self.stem_input(x)))
         x = self.stages(x)
         return x if self.use_conv else x.permute(0, 3, 1, 2)
 
@@ -530,12 +485,7 @@ class Levit(Backbone):
             x = x.mean((2, 3))
         if pre_logits:
             return x
-        if self.merged_heads:
-            return self.head(x)
-        out, out_dist = self.head(x), self.head_dist(x)
-        if self.training and self.distilled_training and not torch.jit.is_scripting():
-            return out, out_dist
-        return (out + out_dist) / 2
+        return self.classify(x)
 
     def forward(self, x: torch.Tensor):
         return self.forward_head(self.forward_features(x))
@@ -557,7 +507,7 @@ class Levit(Backbone):
         self.check_input(x)
         take = resolve_indices(indices, len(self.stages))
         stages = self.stages if not stop_early else self.stages[: max(take) + 1]
-        x = self._to_tokens(self.stem(self._stem_input(x)))
+        x = self._to_tokens(self.stem(self.stem_input(x)))
         intermediates = []
         for i, stage in enumerate(stages):
             x = stage(x)
@@ -572,14 +522,10 @@ class Levit(Backbone):
         """Called by ``deploy.fuse`` after the children are folded: merge the two heads (eval returns their
         mean, an affine map) into one Linear, and run in channels_last (oneDNN's fast convolutions on CPU;
         the input is converted once at the stem)."""
-        if isinstance(self.head, nn.Linear) and isinstance(self.head_dist, nn.Linear):
-            self.head = average_linears([self.head, self.head_dist])
-            self.head_dist = nn.Identity()
-            self.merged_heads = True
+        self.merge_distilled_heads()
         if self.merged_heads:
             self.head = _inference_linear(self.head)
-        self.to(memory_format=torch.channels_last)
-        self.channels_last = True
+        self.use_channels_last()
         return self
 
 
