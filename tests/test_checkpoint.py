@@ -78,10 +78,22 @@ def test_pickle_code_execution_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-def test_corrupt_file(tmp_path, suffix):
+@pytest.mark.parametrize("seed", range(8))
+def test_corrupt_file(tmp_path, suffix, seed):
+    # Random bytes break the readers in many different ways; every one must become a CheckpointError.
     path = tmp_path / f"corrupt{suffix}"
-    path.write_bytes(os.urandom(256))
+    path.write_bytes(torch.randint(0, 256, (256,), generator=torch.Generator().manual_seed(seed),
+                                   dtype=torch.uint8).numpy().tobytes())
     with pytest.raises(CheckpointError):
+        load_state_dict(path)
+
+
+def test_truncated_torch_file(model, tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save(model.state_dict(), path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
         load_state_dict(path)
 
 

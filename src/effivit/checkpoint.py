@@ -96,8 +96,8 @@ def load_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> d
 
         try:
             return _unwrap(load_file(str(path), device="cpu"), str(path))
-        except SafetensorError as e:
-            raise CheckpointError(f"{path} is not a valid safetensors file: {e}") from e
+        except (SafetensorError, Exception) as e:  # header/offset errors surface as several types
+            raise CheckpointError(f"{path} is not a valid safetensors file: {type(e).__name__}: {e}") from e
     if suffix in _TORCH_SUFFIXES:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -106,8 +106,8 @@ def load_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> d
                 f"refused to load {path}: it needs pickle code execution, which is not allowed "
                 f"(only tensors and plain containers load, torch.load(weights_only=True)). Detail: {e}"
             ) from e
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path} is not a readable torch checkpoint: {e}") from e
+        except Exception as e:  # random or truncated bytes fail in many ways inside the unpickler
+            raise CheckpointError(f"{path} is not a readable torch checkpoint: {type(e).__name__}: {e}") from e
         return _unwrap(obj, str(path))
     raise CheckpointError(
         f"unsupported checkpoint file type {suffix!r} for {path}; allowed: .safetensors, "
