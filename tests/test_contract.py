@@ -141,11 +141,13 @@ def test_torchscript_channels_last_autocast(family):
             assert_close(scripted(x), y, tolerance(y), f"{name} TorchScript ({form})")
         cl = fuse(model).to(memory_format=torch.channels_last)
         assert_close(cl(x.to(memory_format=torch.channels_last)), y, tolerance(y), f"{name} channels_last")
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            yb = fuse(model)(x)
-        assert torch.isfinite(yb).all(), f"{name}: non-finite output under bf16 autocast"
-        # bf16 keeps ~3 significant digits: the prediction should mostly agree with fp32.
-        assert (yb.float() - y).abs().max() < 0.1 * max(1.0, float(y.abs().max())) + 0.5
+        fused = fuse(model)
+        for dtype in (torch.bfloat16, torch.float16):
+            with torch.autocast("cpu", dtype=dtype):
+                yb = fused(x)
+            assert torch.isfinite(yb).all(), f"{name}: non-finite output under {dtype} autocast"
+            # Half precision keeps ~3 significant digits: the logits must stay close to fp32's.
+            assert (yb.float() - y).abs().max() < 0.1 * max(1.0, float(y.abs().max())) + 0.5, f"{name} {dtype}"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
