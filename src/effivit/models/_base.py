@@ -113,11 +113,19 @@ class Backbone(nn.Module):
         check_input(x, self.in_chans, self.size_divisor)
 
     # ---- forward --------------------------------------------------------------------------------
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything before the first stage (families name their stem differently)."""
+        return self.stem(x)
+
+    def forward_final(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything between the last stage and the head (a norm, a final conv, or nothing)."""
+        return self.norm(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        x = self.stem(x)
+        x = self.forward_stem(x)
         x = self.stages(x)  # each stage checkpoints its own blocks when grad checkpointing is on
-        return self.norm(x)
+        return self.forward_final(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
@@ -143,16 +151,17 @@ class Backbone(nn.Module):
         take = resolve_indices(indices, len(self.stages))
         last = len(self.stages) - 1
         stages = self.stages if not stop_early else self.stages[: max(take) + 1]
+        final_norm = getattr(self, "norm", None) if norm else None
         intermediates = []
-        x = self.stem(x)
+        x = self.forward_stem(x)
         for i, stage in enumerate(stages):
             x = stage(x)
             if i in take:
-                intermediates.append(self.norm(x) if (norm and i == last) else x)
+                intermediates.append(final_norm(x) if (final_norm is not None and i == last) else x)
         if intermediates_only:
             return intermediates
         if len(stages) - 1 == last:
-            x = self.norm(x)
+            x = self.forward_final(x)
         return x, intermediates
 
 

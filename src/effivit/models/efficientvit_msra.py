@@ -43,7 +43,7 @@ from ..layers.attention import attend_channels_first
 from ..layers.attn_bias import AttentionBiasBase
 from ..layers.se import SqueezeExcite
 from ..registry import FamilyDefaults, register_family
-from ._base import Backbone, checkpoint_seq, resolve_indices
+from ._base import Backbone, checkpoint_seq
 
 PATCH_SIZE = 16
 TRAIN_SIZE = 224
@@ -406,35 +406,8 @@ class EfficientViTMsra(Backbone):
     def get_classifier(self) -> nn.Module:
         return self.head.linear
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        return self.stages(self.patch_embed(x))
-
-    @torch.jit.ignore
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | tuple[int, ...] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Maps after the chosen stages (strides 16, 32, 64); the model has no final norm."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt={output_fmt!r} is not supported; allowed: 'NCHW'")
-        self.check_input(x)
-        take = resolve_indices(indices, len(self.stages))
-        stages = self.stages if not stop_early else self.stages[: max(take) + 1]
-        intermediates = []
-        x = self.patch_embed(x)
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
+    def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_embed(x)
 
 
 def checkpoint_filter(state: dict[str, torch.Tensor], model: EfficientViTMsra) -> dict[str, torch.Tensor]:

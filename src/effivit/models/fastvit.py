@@ -36,7 +36,7 @@ from ..layers.pointwise import use_pointwise_convs
 from ..layers.rep import ConvBn, MobileOneBlock, ReparamLargeKernelConv, branch_kernel
 from ..layers.se import SqueezeExcite
 from ..registry import FamilyDefaults, register_family
-from ._base import Backbone, checkpoint_seq, resolve_indices
+from ._base import Backbone, checkpoint_seq
 
 MIXERS = ("repmixer", "attention")
 
@@ -413,10 +413,7 @@ class FastViT(Backbone):
             if isinstance(m, nn.Linear):
                 _init_normal(m)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        x = self.stem(x)
-        x = self.stages(x)
+    def forward_final(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_conv(x)
 
     def fuse(self) -> nn.Module:
@@ -432,36 +429,6 @@ class FastViT(Backbone):
             if isinstance(m, nn.Conv2d):
                 m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
         return use_pointwise_convs(self)
-
-    @torch.jit.ignore
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | tuple[int, ...] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs (timm's signature). FastViT has no final norm (``norm`` changes nothing); the
-        final MobileOne conv runs only on the full-depth output."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt={output_fmt!r} is not supported; allowed: 'NCHW'")
-        self.check_input(x)
-        take = resolve_indices(indices, len(self.stages))
-        stages = self.stages if not stop_early else self.stages[: max(take) + 1]
-        intermediates = []
-        x = self.stem(x)
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        if len(stages) == len(self.stages):
-            x = self.final_conv(x)
-        return x, intermediates
-
 
 def checkpoint_filter(state: dict[str, torch.Tensor], model: FastViT) -> dict[str, torch.Tensor]:
     """timm checkpoints store layer scales as (C, 1, 1); ours are (C,)."""
