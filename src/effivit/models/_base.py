@@ -188,7 +188,13 @@ class DistilledBackbone(Backbone):
         self.channels_last = False  # set at deploy time
 
     def _new_head(self, num_classes: int) -> nn.Module:
-        raise NotImplementedError
+        """A freshly initialised classifier on pooled features (families with another head override it)."""
+        if num_classes <= 0:
+            return nn.Identity()
+        head = nn.Linear(self.num_features, num_classes)
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+        return head
 
     @torch.jit.ignore
     def get_classifier(self) -> tuple[nn.Module, nn.Module]:

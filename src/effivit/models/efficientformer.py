@@ -309,14 +309,6 @@ class EfficientFormer(DistilledBackbone):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def _new_head(self, num_classes: int) -> nn.Module:
-        if num_classes <= 0:
-            return nn.Identity()
-        head = nn.Linear(self.num_features, num_classes)
-        nn.init.trunc_normal_(head.weight, std=0.02)
-        nn.init.zeros_(head.bias)
-        return head
-
     # ---- forward --------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) after the final LayerNorm (a permuted view of the (B, H, W, C) tokens; timm's returns

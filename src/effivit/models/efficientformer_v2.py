@@ -431,14 +431,6 @@ class EfficientFormerV2(DistilledBackbone):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def _new_head(self, num_classes: int) -> nn.Module:
-        if num_classes <= 0:
-            return nn.Identity()
-        head = nn.Linear(self.num_features, num_classes)
-        nn.init.trunc_normal_(head.weight, std=0.02)
-        nn.init.zeros_(head.bias)
-        return head
-
     # ---- forward --------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
