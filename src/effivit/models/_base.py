@@ -45,6 +45,23 @@ def checkpoint_seq(blocks: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+
+class Stage(nn.Module):
+    """An optional down-sampling module then a sequence of blocks; recomputes block activations in backward
+    when gradient checkpointing is on. Parameter names: ``downsample.*``, ``blocks.<i>.*``."""
+
+    def __init__(self, blocks: list[nn.Module], downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.grad_checkpointing = False
+        self.downsample = downsample if downsample is not None else nn.Identity()
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
 def resolve_indices(indices: int | list[int] | tuple[int, ...] | None, num_stages: int) -> list[int]:
     """timm's convention: an int n takes the last n stages, a sequence picks stages (negative allowed)."""
     if indices is None:

@@ -37,7 +37,7 @@ from ..layers.attn_bias import (
     offset_index,
 )
 from ..registry import FamilyDefaults, register_family
-from ._base import DistilledBackbone, checkpoint_seq, resolve_indices
+from ._base import DistilledBackbone, Stage, resolve_indices
 
 TRAIN_SIZE = 224
 
@@ -235,20 +235,6 @@ class Downsample(nn.Module):
         return fuse_conv_bn(self.conv, self.norm)
 
 
-class EfficientFormerStage(nn.Module):
-    def __init__(self, downsample: nn.Module, blocks: list[nn.Module]) -> None:
-        super().__init__()
-        self.grad_checkpointing = False
-        self.downsample = downsample
-        self.blocks = nn.Sequential(*blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
-
-
 class Stem4(nn.Sequential):
     """Two stride-2 3x3 Conv+BN+ReLU."""
 
@@ -290,7 +276,7 @@ class EfficientFormer(DistilledBackbone):
                     blocks.append(MetaBlock1d(dim, cfg.mlp_ratio, dp, cfg.layer_scale_init_value, attn))
                 else:
                     blocks.append(MetaBlock2d(dim, cfg.pool_size, cfg.mlp_ratio, dp, cfg.layer_scale_init_value))
-            stages.append(EfficientFormerStage(down, blocks))
+            stages.append(Stage(blocks, down))
             self.feature_info.append(dict(num_chs=dim, reduction=2 ** (i + 2), module=f"stages.{i}"))
             prev = dim
         self.stages = nn.Sequential(*stages)

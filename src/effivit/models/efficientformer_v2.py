@@ -47,7 +47,7 @@ from ..layers.attn_bias import (
 )
 from ..layers.conv_bn import ConvBnAct
 from ..registry import FamilyDefaults, register_family
-from ._base import DistilledBackbone, checkpoint_seq
+from ._base import DistilledBackbone, Stage
 
 TRAIN_SIZE = 224
 
@@ -366,20 +366,6 @@ class Downsample(nn.Module):
         return out
 
 
-class EfficientFormerV2Stage(nn.Module):
-    def __init__(self, downsample: nn.Module, blocks: list[nn.Module]) -> None:
-        super().__init__()
-        self.grad_checkpointing = False
-        self.downsample = downsample
-        self.blocks = nn.Sequential(*blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
-
-
 class Stem4(nn.Sequential):
     """Two stride-2 3x3 Conv+BN+GELU."""
 
@@ -413,7 +399,7 @@ class EfficientFormerV2(DistilledBackbone):
                                        use_attn=j >= first_attn, resolution=res, stride=2 if i == 2 else None)
                 for j in range(depth)
             ]
-            stages.append(EfficientFormerV2Stage(down, blocks))
+            stages.append(Stage(blocks, down))
             self.feature_info.append(dict(num_chs=dim, reduction=stride, module=f"stages.{i}"))
             prev = dim
         self.stages = nn.Sequential(*stages)

@@ -28,7 +28,7 @@ from torch import nn
 from ..layers import ConvNorm, DropPath
 from ..layers.mbconv import DSConv, MBConv
 from ..registry import FamilyDefaults, register_family
-from ._base import Backbone, checkpoint_seq
+from ._base import Backbone, Stage
 
 
 @dataclass(frozen=True)
@@ -170,18 +170,6 @@ class EfficientViTBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.local_module(self.context_module(x))
-
-
-class Stage(nn.Module):
-    def __init__(self, blocks: list[nn.Module]) -> None:
-        super().__init__()
-        self.grad_checkpointing = False
-        self.blocks = nn.Sequential(*blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
 
 
 class MitHead(nn.Module):

@@ -40,7 +40,7 @@ from ..layers.attn_bias import (
 )
 from ..layers.conv_bn import LinearNorm, LinearNorm2d, NormLinear
 from ..registry import FamilyDefaults, register_family
-from ._base import DistilledBackbone, checkpoint_seq, resolve_indices
+from ._base import DistilledBackbone, Stage, resolve_indices
 
 TRAIN_SIZE = 224  # the attention-bias tables are sized for this input (14x14 tokens after the stem)
 
@@ -399,20 +399,6 @@ class LevitDownsample(nn.Module):
         return x + self.drop_path(self.mlp(x))
 
 
-class LevitStage(nn.Module):
-    def __init__(self, downsample: nn.Module, blocks: list[nn.Module]) -> None:
-        super().__init__()
-        self.grad_checkpointing = False
-        self.downsample = downsample
-        self.blocks = nn.Sequential(*blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
-
-
 class Stem16(nn.Sequential):
     """Four stride-2 3x3 Conv+BN with hard-swish between them (16x down-sampling)."""
 
@@ -454,7 +440,7 @@ class Levit(DistilledBackbone):
                 down = nn.Identity()
             blocks = [LevitBlock(dim, cfg.key_dim, heads, cfg.attn_ratio, cfg.mlp_ratio, res, cfg.use_conv, dp)
                       for _ in range(depth)]
-            stages.append(LevitStage(down, blocks))
+            stages.append(Stage(blocks, down))
             self.feature_info.append(dict(num_chs=dim, reduction=stride, module=f"stages.{i}"))
             in_dim = dim
         self.stages = nn.Sequential(*stages)

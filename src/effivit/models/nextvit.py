@@ -40,7 +40,7 @@ from ..layers import ClassifierHead, ConvMlp, ConvNorm, DropPath, make_divisible
 from ..layers.attention import attend, heads_to_map, map_to_heads
 from ..layers.xca import apply_channel_attention, channel_attention, mix_channels
 from ..registry import FamilyDefaults, register_family
-from ._base import Backbone, checkpoint_seq
+from ._base import Backbone, Stage
 
 ATTN_KINDS = ("original", "bchw", "xca")
 
@@ -570,18 +570,6 @@ class NextTransformerBlock(nn.Module):
         return self
 
 
-class NextStage(nn.Module):
-    def __init__(self, blocks: list[nn.Module]) -> None:
-        super().__init__()
-        self.grad_checkpointing = False
-        self.blocks = nn.Sequential(*blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
-
-
 class NextViT(Backbone):
     checkpoint_filter = None  # set below (needs the function defined after the class)
 
@@ -629,7 +617,7 @@ class NextViT(Backbone):
                 else:
                     blocks.append(NextConvBlock(in_chs, out_chs, stride, dp, cfg.head_dim))
                 in_chs = out_chs
-            stages.append(NextStage(blocks))
+            stages.append(Stage(blocks))
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = in_chs
         self.norm = _norm(in_chs)
