@@ -14,8 +14,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-def check_input(x: torch.Tensor, in_chans: int, size_divisor: int) -> None:
-    """Reject inputs the architecture cannot take, naming what was wrong and what is allowed."""
+def check_input(x: torch.Tensor, in_chans: int, size_divisor: int) -> torch.Tensor:
+    """Reject inputs the architecture cannot take, naming what was wrong and what is allowed; returns ``x``.
+
+    Tracers see one opaque call (``torch.fx.wrap`` below), so FX graphs (torchvision's
+    ``create_feature_extractor``) keep the check and run it on real tensors; returning ``x`` puts the call on
+    the data path, so dead-code elimination cannot drop it. TorchScript and torch.export read the shapes.
+    """
     if x.dim() != 4:
         raise ValueError(f"expected a 4-D input (B, {in_chans}, H, W), got shape {list(x.shape)}")
     if x.shape[1] != in_chans:
@@ -27,6 +32,10 @@ def check_input(x: torch.Tensor, in_chans: int, size_divisor: int) -> None:
         raise ValueError(
             f"input size H={h}, W={w} is not allowed: H and W must be positive multiples of {size_divisor}"
         )
+    return x
+
+
+torch.fx.wrap("check_input")
 
 
 def checkpoint_seq(blocks: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -126,8 +135,8 @@ class Backbone(nn.Module):
             if m is not self and hasattr(m, "grad_checkpointing"):
                 m.grad_checkpointing = enable
 
-    def check_input(self, x: torch.Tensor) -> None:
-        check_input(x, self.in_chans, self.size_divisor)
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        return check_input(x, self.in_chans, self.size_divisor)
 
     # ---- forward --------------------------------------------------------------------------------
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +148,7 @@ class Backbone(nn.Module):
         return self.norm(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
+        x = self.check_input(x)
         x = self.forward_stem(x)
         x = self.stages(x)  # each stage checkpoints its own blocks when grad checkpointing is on
         return self.forward_final(x)
@@ -164,7 +173,7 @@ class Backbone(nn.Module):
         to the last stage's map."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt={output_fmt!r} is not supported; allowed: 'NCHW'")
-        self.check_input(x)
+        x = self.check_input(x)
         take = resolve_indices(indices, len(self.stages))
         last = len(self.stages) - 1
         stages = self.stages if not stop_early else self.stages[: max(take) + 1]

@@ -299,7 +299,7 @@ class EfficientFormer(DistilledBackbone):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) after the final LayerNorm (a permuted view of the (B, H, W, C) tokens; timm's returns
         (B, N, C))."""
-        self.check_input(x)
+        x = self.check_input(x)
         x = self.stages(self.stem(self.stem_input(x)))
         x = self.norm(x)
         return x.permute(0, 3, 1, 2) if self.tokens_out else x
@@ -329,7 +329,7 @@ class EfficientFormer(DistilledBackbone):
         output is what ``forward_features`` returns."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt={output_fmt!r} is not supported; allowed: 'NCHW'")
-        self.check_input(x)
+        x = self.check_input(x)
         take = resolve_indices(indices, len(self.stages))
         last = len(self.stages) - 1
         stages = self.stages if not stop_early else self.stages[: max(take) + 1]

@@ -419,7 +419,7 @@ class EfficientFormerV2(DistilledBackbone):
 
     # ---- forward --------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
+        x = self.check_input(x)
         x = self.stages(self.stem(self.stem_input(x)))
         return self.norm(x)
 

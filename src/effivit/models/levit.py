@@ -461,7 +461,7 @@ class Levit(DistilledBackbone):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in both forms (the linear form returns a permuted view of its (B, H, W, C) tokens;
         timm's returns (B, N, C))."""
-        self.check_input(x)
+        x = self.check_input(x)
         x = self._to_tokens(self.stem(self.stem_input(x)))
         x = self.stages(x)
         return x if self.use_conv else x.permute(0, 3, 1, 2)
@@ -490,7 +490,7 @@ class Levit(DistilledBackbone):
         ``forward_features`` returns. ``norm`` has no effect (LeViT has no final norm)."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt={output_fmt!r} is not supported; allowed: 'NCHW'")
-        self.check_input(x)
+        x = self.check_input(x)
         take = resolve_indices(indices, len(self.stages))
         stages = self.stages if not stop_early else self.stages[: max(take) + 1]
         x = self._to_tokens(self.stem(self.stem_input(x)))
