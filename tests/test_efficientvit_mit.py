@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import unittest.mock
+
 import pytest
 import torch
 from conftest import assert_close, compare_with_timm, randomize_norm_stats
 
 import effivit
 from effivit.deploy import count_batchnorms, fuse
+from effivit.models import efficientvit_mit as mit
 from effivit.models.efficientvit_mit import VARIANTS, EfficientViTMitConfig, LiteMLA
 from effivit.registry import get_entry, reference_tables, with_config
 
@@ -94,15 +97,15 @@ def test_linear_attention_runs_in_fp32_under_autocast():
     torch.manual_seed(0)
     attn = LiteMLA(32, 32, head_dim=8).eval()
     seen = []
-    inner = attn._linear_attention
+    inner = mit._linear_attention
 
-    def spy(q, k, v):
+    def spy(q, k, v, eps):
         seen.append((q.dtype, k.dtype, v.dtype, torch.is_autocast_enabled("cpu")))
-        return inner(q, k, v)
+        return inner(q, k, v, eps)
 
-    attn._linear_attention = spy
     x = torch.randn(2, 32, 16, 16) * 30
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), \
+            unittest.mock.patch.object(mit, "_linear_attention", spy):
         y = attn(x)
     assert seen == [(torch.float32, torch.float32, torch.float32, False)]
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()

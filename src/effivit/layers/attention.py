@@ -81,6 +81,12 @@ def map_to_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(b, h * w, num_heads, c // num_heads).transpose(1, 2)
 
 
+# Layout-dependent helpers (they branch on memory format): FX records each as one call that runs at run
+# time. A module that imports one of them wraps it under its own name too (torch.fx.wrap patches names in
+# the calling module's globals).
+torch.fx.wrap("map_to_heads")
+
+
 def heads_to_map(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(B, heads, H*W, head_dim) -> (B, heads * head_dim, H, W).
 
@@ -91,6 +97,9 @@ def heads_to_map(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     if t.is_contiguous():
         return t.reshape(b, height, width, heads * d).permute(0, 3, 1, 2)
     return x.transpose(-1, -2).reshape(b, heads * d, height, width)
+
+
+torch.fx.wrap("heads_to_map")
 
 
 class Attention(nn.Module):

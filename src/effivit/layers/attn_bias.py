@@ -27,9 +27,10 @@ rebuilds the cache. (The reference pattern, which builds the cache in ``train(Fa
 weights are loaded or updated after ``eval()`` is called.) While gradients can reach the table (training, or
 eval with autograd on), the bias is gathered fresh so the table gets its gradient.
 
-Tracing, ``torch.export``/ONNX, ``torch.compile`` and TorchScript never mutate the cache: they use it when it
-was built for the grid being run (it becomes a constant of the exported graph) and otherwise gather/resample
-in-graph. ``set_bias_grid`` (called by the models' ``set_input_size``) builds it ahead of time, so an export
+Tracing and TorchScript never mutate the cache: they use it when it was built for the grid being run (it
+becomes a constant of the traced graph) and otherwise gather/resample in-graph. ``torch.compile`` and
+``torch.export`` (ONNX) always gather in-graph (ONNX Runtime folds the gather of constants at load), so a
+compiled model never sees a stale bias; FX records the gather as one call. ``set_bias_grid`` (called by the models' ``set_input_size``) builds it ahead of time, so an export
 at a non-trained size carries the resampled bias as one constant.
 
 Usage (an attention module subclasses :class:`AttentionBiasBase`)::
@@ -109,6 +110,11 @@ def gather_attention_bias(
     a ``(heads, Ht * Wt)`` table trained on ``table_size``; resampled when the grids differ."""
     table = resample_bias_table(table, table_size, (key_h, key_w))
     return table[:, offset_index(key_h, key_w, stride, table.device)]
+
+
+# FX records one call (the key grid comes from the input's shape, a proxy while tracing); callers in other
+# modules reach it as ``attn_bias.gather_attention_bias`` so the wrapped name is the one they look up.
+torch.fx.wrap("gather_attention_bias")
 
 
 def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
@@ -194,10 +200,9 @@ class AttentionBiasBase(nn.Module):
                 return self.attention_bias_cache
             return self.compute_attention_bias(key_h, key_w)
         if torch.compiler.is_compiling():
-            # torch.compile: reading storage pointers/version counters would break the graph and recompile
-            # on every call, so a cache built eagerly for this grid (fuse/set_input_size) is trusted as is.
-            if self.bias_cache_grid == (key_h, key_w) and self._bias_stamp is not None:
-                return self.attention_bias_cache
+            # torch.compile / torch.export: gathered in-graph on every call. Validating a cache would read
+            # storage pointers and version counters (graph breaks, recompiles), and trusting one unchecked
+            # goes stale after an optimizer step or a switch to training; the gather is a few cheap ops.
             return self.compute_attention_bias(key_h, key_w)
         if torch.jit.is_tracing():
             # Graph capture must not mutate module state: use the cache if it fits, else compute in-graph.
@@ -207,14 +212,10 @@ class AttentionBiasBase(nn.Module):
         return self._eager_attention_bias(key_h, key_w)
 
     @torch.jit.unused
-    def _bias_stamp_valid(self, key_h: int, key_w: int) -> bool:
-        try:
-            return self._bias_stamp == _stamp(self.bias_sources(), key_h, key_w)
-        except Exception:  # fake tensors (export) have no storage pointer: trust a cache built eagerly
-            return self._bias_stamp is not None and self._bias_stamp[:2] == (key_h, key_w)
-
-    @torch.jit.unused
     def _eager_attention_bias(self, key_h: int, key_w: int) -> torch.Tensor:
+        if torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+            # FX: key_h/key_w are proxies; gather_attention_bias is an opaque call that runs at run time.
+            return self.compute_attention_bias(key_h, key_w)
         if self.training or (torch.is_grad_enabled() and any(t.requires_grad for t in self.bias_sources())):
             return self.compute_attention_bias(key_h, key_w)
         if self._bias_stamp != _stamp(self.bias_sources(), key_h, key_w):

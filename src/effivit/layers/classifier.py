@@ -8,6 +8,20 @@ from torch import nn
 POOL_TYPES = ("avg", "max", "")
 
 
+def global_pool(x: torch.Tensor, pool_type: str) -> torch.Tensor:
+    """Pool a (B, C, H, W) map to (B, C) (``pool_type`` ``avg`` or ``max``); (B, C) features and
+    ``pool_type=''`` pass unchanged. FX records this as one call (the rank of a proxy is not known)."""
+    if x.dim() == 4:
+        if pool_type == "avg":
+            return x.mean((2, 3))
+        if pool_type == "max":
+            return x.amax((2, 3))
+    return x
+
+
+torch.fx.wrap("global_pool")
+
+
 class ClassifierHead(nn.Module):
     """Pools a (B, C, H, W) map (or takes (B, C) features) and applies ``fc``.
 
@@ -31,12 +45,7 @@ class ClassifierHead(nn.Module):
         self.fc = nn.Linear(self.in_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if x.dim() == 4:
-            if self.pool_type == "avg":
-                x = x.mean((2, 3))
-            elif self.pool_type == "max":
-                x = x.amax((2, 3))
-        x = self.drop(x)
+        x = self.drop(global_pool(x, self.pool_type))
         if pre_logits:
             return x
         return self.fc(x)
@@ -89,14 +98,16 @@ class NormMlpClassifierHead(nn.Module):
                    else nn.Identity())
 
     def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        spatial = x.dim() == 4 and self.pool_type == ""
-        if x.dim() == 4:
-            if self.pool_type == "avg":
-                x = x.mean((2, 3))
-            elif self.pool_type == "max":
-                x = x.amax((2, 3))
-            else:
-                x = x.permute(0, 2, 3, 1)  # B, H, W, C
+        if self.pool_type == "":
+            return self._forward_unpooled(x, pre_logits)
+        x = self.drop(self.pre_logits(self.norm(global_pool(x, self.pool_type))))
+        return x if pre_logits else self.fc(x)
+
+    def _forward_unpooled(self, x: torch.Tensor, pre_logits: bool) -> torch.Tensor:
+        # A map keeps its grid: norm and linears act on the channels of every position.
+        spatial = x.dim() == 4
+        if spatial:
+            x = x.permute(0, 2, 3, 1)  # B, H, W, C
         x = self.drop(self.pre_logits(self.norm(x)))
         if not pre_logits:
             x = self.fc(x)

@@ -23,11 +23,7 @@ class PointwiseConv(nn.Conv2d):
     """An ``nn.Conv2d`` with a 1x1 kernel, stride 1 and no padding whose CPU forward prefers oneDNN."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dilation = 1
-        # 20480: PyTorch sends a dilated fp32 conv to oneDNN only above this many input values per image.
-        if not x.is_cuda and x.shape[1] * x.shape[2] * x.shape[3] > 20480:
-            dilation = 2
-        return F.conv2d(x, self.weight, self.bias, 1, 0, dilation, self.groups)
+        return pointwise_conv(x, self.weight, self.bias, self.groups)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> PointwiseConv:
@@ -39,6 +35,18 @@ class PointwiseConv(nn.Conv2d):
         out.weight = conv.weight
         out.bias = conv.bias
         return out.train(conv.training)
+
+
+def pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int) -> torch.Tensor:
+    dilation = 1
+    # 20480: PyTorch sends a dilated fp32 conv to oneDNN only above this many input values per image.
+    if not x.is_cuda and x.shape[1] * x.shape[2] * x.shape[3] > 20480:
+        dilation = 2
+    return F.conv2d(x, weight, bias, 1, 0, dilation, groups)
+
+
+# FX records the size-dependent kernel choice as one call.
+torch.fx.wrap("pointwise_conv")
 
 
 def is_pointwise(module: nn.Module) -> bool:

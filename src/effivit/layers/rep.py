@@ -105,21 +105,27 @@ class ChannelRepeatConv(nn.Module):
             self.conv.bias.data.copy_(conv.bias.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        m = self.multiplier
-        nhwc = x.is_contiguous(memory_format=torch.channels_last)
-        if not torch.jit.is_scripting():
-            if torch.onnx.is_in_onnx_export():
-                # Export traces strides too; the NCHW form is the one ONNX Runtime runs fast (its Expand is
-                # slow on an innermost broadcast).
-                nhwc = False
-        if nhwc:
-            # Repeat along the innermost (channel) dimension of the NHWC data: stays channels_last.
-            x = x.permute(0, 2, 3, 1).unsqueeze(-1).expand(b, h, w, c, m).reshape(b, h, w, c * m)
-            x = x.permute(0, 3, 1, 2)
-        else:
-            x = x.unsqueeze(2).expand(b, c, m, h, w).reshape(b, c * m, h, w)
-        return self.conv(x)
+        return self.conv(repeat_channels(x, self.multiplier))
+
+
+def repeat_channels(x: torch.Tensor, m: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C * m, H, W), each channel repeated m times in a row, in x's memory format.
+    FX records it as one call (it branches on the memory format)."""
+    b, c, h, w = x.shape
+    nhwc = x.is_contiguous(memory_format=torch.channels_last)
+    if not torch.jit.is_scripting():
+        if torch.onnx.is_in_onnx_export():
+            # Export traces strides too; the NCHW form is the one ONNX Runtime runs fast (its Expand is
+            # slow on an innermost broadcast).
+            nhwc = False
+    if nhwc:
+        # Repeat along the innermost (channel) dimension of the NHWC data: stays channels_last.
+        x = x.permute(0, 2, 3, 1).unsqueeze(-1).expand(b, h, w, c, m).reshape(b, h, w, c * m)
+        return x.permute(0, 3, 1, 2)
+    return x.unsqueeze(2).expand(b, c, m, h, w).reshape(b, c * m, h, w)
+
+
+torch.fx.wrap("repeat_channels")
 
 
 def is_channel_multiplier_conv(conv: nn.Module) -> bool:

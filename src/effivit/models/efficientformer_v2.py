@@ -38,11 +38,11 @@ from ..deploy.fold import (
     sum_branches,
 )
 from ..layers import DropPath, LayerScale2d
+from ..layers import attn_bias
 from ..layers.attn_bias import (
     AttentionBiasBase,
     biased_attention,
     fold_scale_into_rows,
-    gather_attention_bias,
     query_grid,
 )
 from ..layers.conv_bn import ConvBnAct
@@ -157,13 +157,14 @@ class Attention2d(AttentionBiasBase):
     def compute_attention_bias(self, key_h: int, key_w: int) -> torch.Tensor:
         # The first talking-head projection is linear in the logits, so its action on the bias and its own
         # bias are one constant: (heads, N, N).
-        bias = gather_attention_bias(self.attention_biases, self.bias_resolution, key_h, key_w, self.bias_stride)
-        h, n, m = bias.shape
-        mixed = torch.mm(self.talking_head1.weight.reshape(h, h), bias.reshape(h, n * m))
+        bias = attn_bias.gather_attention_bias(self.attention_biases, self.bias_resolution, key_h, key_w,
+                                               self.bias_stride)
+        h = self.num_heads
+        mixed = torch.mm(self.talking_head1.weight.reshape(h, h), bias.reshape(h, -1))
         b1 = self.talking_head1.bias
         if b1 is not None:
             mixed = mixed + b1.reshape(h, 1)
-        return mixed.reshape(h, n, m)
+        return mixed.reshape(bias.shape)
 
     @torch.jit.unused
     def bias_sources(self) -> list[torch.Tensor]:

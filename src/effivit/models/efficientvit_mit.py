@@ -122,14 +122,6 @@ class LiteMLA(nn.Module):
         )
         self.proj = ConvNorm(total * (1 + len(scales)), out_chs, 1)
 
-    def _linear_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q, k, v: (B, heads, head_dim, N), q and k already through the ReLU kernel. Returns v's layout."""
-        d = v.shape[2]
-        v = F.pad(v, (0, 0, 0, 1), mode="constant", value=1.0)  # B, heads, d + 1, N: the ones row gives sum(k)
-        kv = v @ k.transpose(-1, -2)  # B, heads, d + 1, d
-        num, den = (kv @ q).split([d, 1], dim=2)  # B, heads, d (+ 1), N
-        return num / (den + self.eps)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         qkv = self.qkv(x)
@@ -141,18 +133,37 @@ class LiteMLA(nn.Module):
         # split, not slicing: one node each in exported graphs
         qk, v = qkv.split([2 * d, d], dim=2)
         q, k = torch.relu(qk).split([d, d], dim=2)
-        dtype = v.dtype
-        # The normaliser is a sum over all tokens: fp32 keeps it (and the division) finite under autocast.
-        if dtype != torch.float32:
-            q, k, v = q.float(), k.float(), v.float()
-        if torch.jit.is_scripting():
-            out = self._linear_attention(q, k, v)
-        elif torch.is_autocast_enabled(x.device.type):
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                out = self._linear_attention(q, k, v)
-        else:
-            out = self._linear_attention(q, k, v)
-        return self.proj(out.to(dtype).reshape(b, -1, h, w))
+        out = relu_linear_attention(q, k, v, self.eps)
+        return self.proj(out.reshape(b, -1, h, w))
+
+
+def _linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    """q, k, v: (B, heads, head_dim, N), q and k already through the ReLU kernel. Returns v's layout."""
+    d = v.shape[2]
+    v = F.pad(v, (0, 0, 0, 1), mode="constant", value=1.0)  # B, heads, d + 1, N: the ones row gives sum(k)
+    kv = v @ k.transpose(-1, -2)  # B, heads, d + 1, d
+    num, den = (kv @ q).split([d, 1], dim=2)  # B, heads, d (+ 1), N
+    return num / (den + eps)
+
+
+def relu_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    """The ReLU linear attention in fp32 whatever the input dtype (the normaliser is a sum over all tokens:
+    fp32 keeps it and the division finite under autocast); returns v's dtype. FX records it as one call
+    (it branches on dtype and autocast state)."""
+    dtype = v.dtype
+    if dtype != torch.float32:
+        q, k, v = q.float(), k.float(), v.float()
+    if torch.jit.is_scripting():
+        out = _linear_attention(q, k, v, eps)
+    elif torch.is_autocast_enabled(q.device.type):
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            out = _linear_attention(q, k, v, eps)
+    else:
+        out = _linear_attention(q, k, v, eps)
+    return out.to(dtype)
+
+
+torch.fx.wrap("relu_linear_attention")
 
 
 class EfficientViTBlock(nn.Module):

@@ -214,9 +214,9 @@ class CascadedGroupAttention(AttentionBiasBase):
         self.dense_q = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense_q:
+            x = check_window(x, self.window)
         b, _, h, w = x.shape
-        if self.dense_q and (h != self.window or w != self.window):
-            raise ValueError(f"this fused attention takes {self.window}x{self.window} windows, got {h}x{w}")
         bias = self.attention_bias(h, w)  # heads, N, N
         feats_in = x.chunk(self.num_heads, dim=1)
         feat = feats_in[0]
@@ -242,6 +242,17 @@ class CascadedGroupAttention(AttentionBiasBase):
         return self
 
 
+def check_window(x: torch.Tensor, window: int) -> torch.Tensor:
+    """The fused attention's q convs are dense matrices for one window size: reject any other."""
+    h, w = x.shape[-2], x.shape[-1]
+    if h != window or w != window:
+        raise ValueError(f"this fused attention takes {window}x{window} windows, got {h}x{w}")
+    return x
+
+
+torch.fx.wrap("check_window")
+
+
 class LocalWindowAttention(nn.Module):
     """Cascaded group attention in non-overlapping ``window x window`` tiles; the map is zero-padded at the
     bottom/right to whole windows (as the reference does) and cropped back."""
@@ -252,23 +263,39 @@ class LocalWindowAttention(nn.Module):
         self.attn = CascadedGroupAttention(dim, key_dim, num_heads, window, kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        ws = self.window
-        if h == ws and w == ws:
-            return self.attn(x)
-        pad_b = (ws - h % ws) % ws
-        pad_r = (ws - w % ws) % ws
-        if pad_b > 0 or pad_r > 0:
-            x = F.pad(x, (0, pad_r, 0, pad_b))
-        ph, pw = h + pad_b, w + pad_r
-        nh, nw = ph // ws, pw // ws
-        # B, C, nh, ws, nw, ws -> B * nh * nw, C, ws, ws
-        x = x.view(b, c, nh, ws, nw, ws).permute(0, 2, 4, 1, 3, 5).reshape(b * nh * nw, c, ws, ws)
-        x = self.attn(x)
-        x = x.view(b, nh, nw, c, ws, ws).permute(0, 3, 1, 4, 2, 5).reshape(b, c, ph, pw)
-        if pad_b > 0 or pad_r > 0:
-            x = x[:, :, :h, :w].contiguous()
+        return windows_to_map(self.attn(map_to_windows(x, self.window)), x, self.window)
+
+
+def map_to_windows(x: torch.Tensor, ws: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B * nh * nw, C, ws, ws), zero-padded at the bottom/right to whole windows."""
+    b, c, h, w = x.shape
+    if h == ws and w == ws:
         return x
+    pad_b = (ws - h % ws) % ws
+    pad_r = (ws - w % ws) % ws
+    if pad_b > 0 or pad_r > 0:
+        x = F.pad(x, (0, pad_r, 0, pad_b))
+    nh, nw = (h + pad_b) // ws, (w + pad_r) // ws
+    # B, C, nh, ws, nw, ws -> B * nh * nw, C, ws, ws
+    return x.view(b, c, nh, ws, nw, ws).permute(0, 2, 4, 1, 3, 5).reshape(b * nh * nw, c, ws, ws)
+
+
+def windows_to_map(windows: torch.Tensor, like: torch.Tensor, ws: int) -> torch.Tensor:
+    """The inverse of :func:`map_to_windows` for a map shaped like ``like`` (padding cropped away)."""
+    b, _, h, w = like.shape
+    if h == ws and w == ws:
+        return windows
+    c = windows.shape[1]
+    nh, nw = (h + ws - 1) // ws, (w + ws - 1) // ws
+    x = windows.view(b, nh, nw, c, ws, ws).permute(0, 3, 1, 4, 2, 5).reshape(b, c, nh * ws, nw * ws)
+    if nh * ws != h or nw * ws != w:
+        x = x[:, :, :h, :w].contiguous()
+    return x
+
+
+# FX records the size-dependent partitions as opaque calls.
+torch.fx.wrap("map_to_windows")
+torch.fx.wrap("windows_to_map")
 
 
 class EfficientViTBlock(nn.Module):

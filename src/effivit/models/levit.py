@@ -158,6 +158,7 @@ class InferenceLinear(nn.Linear):
         # type: (Tensor) -> bool
         return (
             _ONEDNN_LINEAR
+            and not torch.fx._symbolic_trace.is_fx_symbolic_tracing()  # x is a proxy
             and torch.backends.mkldnn.enabled
             and x.device.type == "cpu"
             and x.dtype == torch.float32

@@ -42,6 +42,10 @@ from ..layers.xca import apply_channel_attention, channel_attention, mix_channel
 from ..registry import FamilyDefaults, register_family
 from ._base import Backbone, Stage
 
+# FX records these layout-dependent helpers (they branch on memory format and sizes) as opaque calls.
+for _name in ("map_to_heads", "heads_to_map", "_raster_pool", "_pointwise", "_windowed_mean"):
+    torch.fx.wrap(_name)
+
 ATTN_KINDS = ("original", "bchw", "xca")
 
 
@@ -105,12 +109,16 @@ class PointwiseConv(nn.Conv2d):
     (fp32) sees a plain Conv."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-            b, c, h, w = x.shape
-            tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view: channels_last memory is (B, H, W, C)
-            y = F.linear(tokens, self.weight.reshape(self.out_channels, c), self.bias)
-            return y.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # channels_last again, no copy
-        return F.conv2d(x, self.weight, self.bias)
+        return _pointwise(x, self.weight, self.bias)
+
+
+def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if x.dtype == torch.bfloat16 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        b, c, h, w = x.shape
+        tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view: channels_last memory is (B, H, W, C)
+        y = F.linear(tokens, weight.reshape(weight.shape[0], c), bias)
+        return y.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # channels_last again, no copy
+    return F.conv2d(x, weight, bias)
 
 
 def _use_pointwise_convs(module: nn.Module) -> None:
@@ -143,9 +151,13 @@ class WindowMean(nn.Module):
         self.register_buffer("weight", torch.full((channels, 1, k, k), 1.0 / (k * k)), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_contiguous() and x.shape[-2] % self.k == 0 and x.shape[-1] % self.k == 0:
-            return F.conv2d(x, self.weight, stride=self.k, groups=x.shape[1])
-        return F.avg_pool2d(x, self.k, self.k, ceil_mode=self.ceil_mode, count_include_pad=False)
+        return _windowed_mean(x, self.weight, self.k, self.ceil_mode)
+
+
+def _windowed_mean(x: torch.Tensor, weight: torch.Tensor, k: int, ceil_mode: bool) -> torch.Tensor:
+    if x.is_contiguous() and x.shape[-2] % k == 0 and x.shape[-1] % k == 0:
+        return F.conv2d(x, weight, stride=k, groups=x.shape[1])
+    return F.avg_pool2d(x, k, k, ceil_mode=ceil_mode, count_include_pad=False)
 
 
 def _window_mean(pool: nn.Module, channels: int) -> nn.Module:
