@@ -34,3 +34,13 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob:.3f}"
+
+
+def drop_path_rates(total: float, depths: list[int] | tuple[int, ...]) -> list[list[float]]:
+    """Per-block drop-path rates rising linearly from 0 to ``total`` over all blocks, split per stage.
+
+    Computed on the CPU whatever the default device (``with torch.device("meta")`` builds keep working) and
+    with the float32 ``linspace`` the references use, so the rates are theirs to the last bit.
+    """
+    rates = torch.linspace(0, total, max(sum(depths), 1), device="cpu")[: sum(depths)]
+    return [t.tolist() for t in rates.split(list(depths))]

@@ -30,6 +30,7 @@ from torch import nn
 from ..deploy.fold import fold_affine_into_input, fold_affine_into_output
 from ..layers import DropPath, LayerNorm2d
 from ..layers.classifier import NormMlpClassifierHead
+from ..layers.drop import drop_path_rates
 from ..layers.norm import GlobalResponseNorm
 from ..layers.pointwise import PointwiseConv
 from ..registry import FamilyDefaults, register_family
@@ -249,8 +250,7 @@ class ConvNeXt(Backbone):
             nn.Conv2d(in_chans, dims[0], kernel_size=cfg.patch_size, stride=cfg.patch_size),
             LayerNorm2d(dims[0], eps=NORM_EPS),
         )
-        rates = torch.linspace(0, dpr_total, sum(cfg.depths), device="cpu")  # cpu: buildable on "meta" too
-        dpr = [t.tolist() for t in rates.split(list(cfg.depths))]
+        dpr = drop_path_rates(dpr_total, cfg.depths)
         stages = []
         in_chs = dims[0]
         reduction = cfg.patch_size

@@ -36,6 +36,7 @@ from ..layers.attn_bias import (
     fold_scale_into_rows,
     offset_index,
 )
+from ..layers.drop import drop_path_rates
 from ..registry import FamilyDefaults, register_family
 from ._base import DistilledBackbone, Stage, resolve_indices
 
@@ -258,7 +259,7 @@ class EfficientFormer(DistilledBackbone):
         super().__init__(in_chans, num_classes, DEFAULTS.size_divisor, global_pool)
         self.stem = Stem4(in_chans, cfg.embed_dims[0])
         # timm's stage-wise drop-path rule: linear over all blocks, split per stage.
-        dpr = torch.linspace(0, drop_path_rate, sum(cfg.depths)).split(list(cfg.depths))
+        dpr = drop_path_rates(drop_path_rate, cfg.depths)
         last = len(cfg.depths) - 1
         attn_res = TRAIN_SIZE // 32
         stages = []

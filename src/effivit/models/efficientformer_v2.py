@@ -37,8 +37,7 @@ from ..deploy.fold import (
     identity_kernel,
     sum_branches,
 )
-from ..layers import DropPath, LayerScale2d
-from ..layers import attn_bias
+from ..layers import DropPath, LayerScale2d, attn_bias
 from ..layers.attn_bias import (
     AttentionBiasBase,
     biased_attention,
@@ -46,6 +45,7 @@ from ..layers.attn_bias import (
     query_grid,
 )
 from ..layers.conv_bn import ConvBnAct
+from ..layers.drop import drop_path_rates
 from ..registry import FamilyDefaults, register_family
 from ._base import DistilledBackbone, Stage
 
@@ -381,7 +381,7 @@ class EfficientFormerV2(DistilledBackbone):
                  drop_rate: float = 0.0, drop_path_rate: float | None = None, global_pool: str = "avg") -> None:
         super().__init__(in_chans, num_classes, DEFAULTS.size_divisor, global_pool)
         dp_total = cfg.drop_path_rate if drop_path_rate is None else drop_path_rate
-        dpr = torch.linspace(0, dp_total, sum(cfg.depths)).split(list(cfg.depths))
+        dpr = drop_path_rates(dp_total, cfg.depths)
         self.stem = Stem4(in_chans, cfg.embed_dims[0])
         stride = 4
         prev = cfg.embed_dims[0]

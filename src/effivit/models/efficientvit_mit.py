@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import ConvNorm, DropPath
+from ..layers.drop import drop_path_rates
 from ..layers.mbconv import DSConv, MBConv
 from ..registry import FamilyDefaults, register_family
 from ._base import Backbone, Stage
@@ -238,7 +239,7 @@ class EfficientViTMit(Backbone):
 
         # Stochastic depth grows linearly over the residual blocks of the four stages.
         n_res = [d - 1 for d in depths[1:3]] + list(depths[3:])
-        dpr = torch.linspace(0, drop_path_rate, max(sum(n_res), 1)).tolist()
+        dpr = [r for rates in drop_path_rates(drop_path_rate, n_res) for r in rates]
         stages = []
         in_chs = stem_chs
         for i, (out_chs, depth) in enumerate(zip(widths[1:], depths[1:])):

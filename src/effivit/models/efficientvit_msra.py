@@ -41,6 +41,7 @@ from ..deploy.fold import depthwise_conv_matrix, fuse_bn_linear, identity_kernel
 from ..layers import ConvNorm, DropPath
 from ..layers.attention import attend_channels_first
 from ..layers.attn_bias import AttentionBiasBase
+from ..layers.drop import drop_path_rates
 from ..layers.se import SqueezeExcite
 from ..registry import FamilyDefaults, register_family
 from ._base import Backbone, checkpoint_seq
@@ -409,7 +410,7 @@ class EfficientViTMsra(Backbone):
             ("conv4", ConvNorm(d0 // 2, d0, 3, stride=2)),
         ]))
         windows = cfg.windows()
-        dpr = torch.linspace(0, drop_path_rate, sum(cfg.depth)).tolist()
+        dpr = [r for rates in drop_path_rates(drop_path_rate, cfg.depth) for r in rates]
         stages = []
         in_dim = d0
         stride = PATCH_SIZE

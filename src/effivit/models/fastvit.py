@@ -32,6 +32,7 @@ from torch import nn
 from ..deploy.fold import bn_scale_shift, fold_affine_into_input, fold_affine_into_output, sum_branches
 from ..layers import ClassifierHead, DropPath, LayerScale2d
 from ..layers.attention import attend, merge_heads
+from ..layers.drop import drop_path_rates
 from ..layers.pointwise import use_pointwise_convs
 from ..layers.rep import ConvBn, MobileOneBlock, ReparamLargeKernelConv, branch_kernel
 from ..layers.se import SqueezeExcite
@@ -390,7 +391,7 @@ class FastViT(Backbone):
             MobileOneBlock(d0, d0, 1, act_layer=_gelu),
         )
         dpr_total = cfg.drop_path_rate if drop_path_rate is None else drop_path_rate
-        dpr = torch.linspace(0, dpr_total, sum(cfg.depths), device="cpu").split(list(cfg.depths))
+        dpr = drop_path_rates(dpr_total, cfg.depths)
         stages = []
         prev = d0
         reduction = 4

@@ -38,6 +38,7 @@ from torch import nn
 from ..deploy.fold import bn_scale_shift, fold_affine_into_input, fuse_conv_bn
 from ..layers import ClassifierHead, ConvMlp, ConvNorm, DropPath, make_divisible
 from ..layers.attention import attend, heads_to_map, map_to_heads
+from ..layers.drop import drop_path_rates
 from ..layers.xca import apply_channel_attention, channel_attention, mix_channels
 from ..registry import FamilyDefaults, register_family
 from ._base import Backbone, Stage
@@ -615,7 +616,7 @@ class NextViT(Backbone):
             ConvNorm(s1, s2, 3, stride=1, norm_layer=_norm, act_layer=act),
             ConvNorm(s2, s2, 3, stride=2, norm_layer=_norm, act_layer=act),
         )
-        dpr = torch.linspace(0, dpr_total, sum(depths)).split(list(depths))
+        dpr = drop_path_rates(dpr_total, depths)
         in_chs = s2
         stages = []
         for i in range(4):

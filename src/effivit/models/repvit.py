@@ -29,6 +29,7 @@ from torch import nn
 from ..deploy.fold import average_linears, fuse_conv_bn, sum_branches
 from ..layers import ConvNorm, DropPath
 from ..layers.conv_bn import NormLinear
+from ..layers.drop import drop_path_rates
 from ..layers.pointwise import use_pointwise_convs
 from ..layers.rep import branch_kernel
 from ..layers.se import SqueezeExcite
@@ -225,8 +226,7 @@ class RepViT(Backbone):
         self.stem = RepViTStem(in_chans, dims[0])
         # One rate per residual: a down-sampling stage's first rate goes to its down-sampling block.
         counts = [d + (1 if i > 0 else 0) for i, d in enumerate(cfg.depth)]
-        rates = torch.linspace(0, dpr_total, sum(counts), device="cpu")  # cpu: buildable on "meta" too
-        dpr = [t.tolist() for t in rates.split(counts)]
+        dpr = drop_path_rates(dpr_total, counts)
         stages = []
         in_dim = dims[0]
         reduction = 4
