@@ -91,7 +91,9 @@ def test_distillation_head():
     torch.manual_seed(0)
     model = effivit.create_model("efficientformer_l1", num_classes=10)
     x = torch.randn(2, 3, 64, 64)
-    out = model.train()(x)
+    assert model.train()(x).shape == (2, 10), "timm's default: one tensor in training mode"
+    model.set_distilled_training(True)
+    out = model(x)
     assert isinstance(out, tuple) and out[0].shape == out[1].shape == (2, 10)
     model.eval()
     with torch.no_grad():

@@ -80,6 +80,8 @@ def test_distillation_head_semantics():
         assert_close(model(x), expected, 1e-5, "eval returns the mean of both heads")
         assert_close(fuse(model)(x), expected, 1e-4, "the merged head")
     model.train()
+    assert isinstance(model(x), torch.Tensor), "timm's default: one tensor in training mode"
+    model.set_distilled_training(True)
     out = model(x)
     assert isinstance(out, tuple) and len(out) == 2 and all(o.shape == (2, 10) for o in out)
     assert (out[0] - out[1]).abs().max() > 1e-3, "the two heads are separate layers"

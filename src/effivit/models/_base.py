@@ -197,7 +197,8 @@ GLOBAL_POOLS = ("avg", "")
 class DistilledBackbone(Backbone):
     """A backbone with a classifier and a distillation classifier (DeiT, arXiv:2012.12877).
 
-    Training returns ``(logits, logits_dist)`` (``set_distilled_training(False)``: their mean); eval returns
+    Training returns their mean, as timm does (``set_distilled_training(True)``: ``(logits, logits_dist)``, which
+    the trainer sets when it distils); eval returns
     their mean. At deploy time ``merge_distilled_heads`` turns the two Linears into one (the mean of two affine
     maps is one), and ``use_channels_last`` keeps the maps in channels_last memory (oneDNN's fast convolutions
     on CPU), converting the input once at the stem via ``stem_input``. Subclasses build ``self.head`` and
@@ -209,7 +210,7 @@ class DistilledBackbone(Backbone):
         if global_pool not in GLOBAL_POOLS:
             raise ValueError(f"global_pool={global_pool!r} is not supported; allowed: {GLOBAL_POOLS}")
         self.global_pool = global_pool
-        self.distilled_training = True
+        self.distilled_training = False  # timm's default; the trainer turns it on when it distils
         self.merged_heads = False  # set at deploy time: head holds the average of both heads
         self.channels_last = False  # set at deploy time
 
@@ -240,7 +241,7 @@ class DistilledBackbone(Backbone):
 
     @torch.jit.ignore
     def set_distilled_training(self, enable: bool = True) -> None:
-        """True (default): training mode returns (logits, logits_dist). False: their mean, as in eval."""
+        """True: training mode returns (logits, logits_dist). False (default, as timm): their mean, as in eval."""
         self.distilled_training = enable
 
     @torch.jit.ignore

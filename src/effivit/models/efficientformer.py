@@ -16,8 +16,8 @@ How this differs from the reference:
 * ``deploy.fuse`` folds every Conv-BN pair, folds both layer scales of the MLPs and the attention's output
   projection into the preceding conv/linear, writes the pool mixer as ``addcmul(x, ls, pool(x) - x)``,
   merges the two classifier heads into one Linear and caches the gathered attention bias.
-* Distillation head: training mode returns ``(logits, logits_dist)`` (``set_distilled_training(False)`` for
-  their mean); eval returns their mean.
+* Distillation head: as in timm, training mode returns the mean of both heads, and ``(logits, logits_dist)``
+  after ``set_distilled_training(True)`` (the trainer sets it when it distils); eval returns their mean.
 """
 
 from __future__ import annotations

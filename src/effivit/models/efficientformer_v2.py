@@ -19,8 +19,8 @@ How this differs from the reference:
 * ``deploy.fuse`` folds every Conv-BN pair; merges the q/k/v 1x1 convs (k/v in the downsampling attention)
   into one conv; folds the local-global query's stride-2 subsample into its depth-wise conv (an identity
   tap); folds the layer scales into the last conv of each branch; merges the two classifier heads.
-* Distillation head: training mode returns ``(logits, logits_dist)`` (``set_distilled_training(False)`` for
-  their mean); eval returns their mean.
+* Distillation head: as in timm, training mode returns the mean of both heads, and ``(logits, logits_dist)``
+  after ``set_distilled_training(True)`` (the trainer sets it when it distils); eval returns their mean.
 """
 
 from __future__ import annotations

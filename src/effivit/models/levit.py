@@ -17,8 +17,9 @@ How this differs from the reference:
 * ``deploy.fuse`` folds every Linear/Conv-BN pair and both BN-Linear heads, merges the two classifier heads
   into one Linear (eval returns their mean, which is one affine map), turns the conv form's subsample +
   1x1 query conv into one strided 1x1 conv, and caches each gathered bias as a plain tensor.
-* Distillation head: in training mode the model returns ``(logits, logits_dist)`` as in the paper (set
-  ``set_distilled_training(False)`` for a single averaged output); in eval mode it returns their mean.
+* Distillation head: as in timm, training mode returns the mean of both heads; after
+  ``set_distilled_training(True)`` (the trainer sets it when it distils) it returns ``(logits, logits_dist)``
+  as in the paper. Eval mode returns their mean.
 """
 
 from __future__ import annotations

@@ -12,8 +12,6 @@ Only the current (non-"legacy") variants are provided.
 
 How this differs from timm:
 
-* Training mode returns ``(logits, logits_dist)`` by default (``set_distilled_training(False)`` gives their
-  mean); timm returns the pair only after ``set_distilled_training(True)``. Eval mode returns the mean.
 * ``drop_path_rate`` (default 0, as released) adds stochastic depth to the MLP residuals: an extension.
 * ``deploy.fuse`` folds every conv-BN pair, collapses each token mixer's three branches and outer BN into
   one depth-wise conv, folds each head's BatchNorm into its Linear and averages the two heads into one
@@ -191,7 +189,7 @@ class DistilledClassifier(nn.Module):
     def __init__(self, dim: int, num_classes: int) -> None:
         super().__init__()
         self.num_classes = num_classes
-        self.distilled_training = True
+        self.distilled_training = False
         self.head = NormLinear(dim, num_classes) if num_classes > 0 else nn.Identity()
         self.head_dist = NormLinear(dim, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -254,7 +252,7 @@ class RepViT(Backbone):
                 raise ValueError(f"global_pool={global_pool!r} is not supported; allowed: 'avg', ''")
             self.global_pool = global_pool
         self.num_classes = num_classes
-        distilled = getattr(self.head, "distilled_training", True)
+        distilled = getattr(self.head, "distilled_training", False)
         ref = next(self.parameters())
         self.head = DistilledClassifier(self.num_features, num_classes).to(ref.device, ref.dtype)
         self.head.distilled_training = distilled
@@ -262,7 +260,7 @@ class RepViT(Backbone):
 
     @torch.jit.ignore
     def set_distilled_training(self, enable: bool = True) -> None:
-        """True (default): training mode returns (logits, logits_dist). False: their mean, as in eval."""
+        """True: training mode returns (logits, logits_dist). False (default, as timm): their mean, as in eval."""
         self.head.distilled_training = enable
 
     # ---- deploy ---------------------------------------------------------------------------------
