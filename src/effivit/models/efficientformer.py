@@ -298,16 +298,16 @@ class EfficientFormer(DistilledBackbone):
 
     # ---- forward --------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) after the final LayerNorm (a permuted view of the (B, H, W, C) tokens; timm's returns
-        (B, N, C))."""
+        """(B, N, C) tokens after the final LayerNorm, as timm (a view of our (B, H, W, C) tokens); (B, C, H, W)
+        for a configuration without attention blocks."""
         x = self.check_input(x)
         x = self.stages(self.stem(self.stem_input(x)))
         x = self.norm(x)
-        return x.permute(0, 3, 1, 2) if self.tokens_out else x
+        return x.flatten(1, 2) if self.tokens_out else x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
         if self.global_pool == "avg":
-            x = x.mean((2, 3))
+            x = x.mean(1) if self.tokens_out else x.mean((2, 3))
         x = self.head_drop(x)
         if pre_logits:
             return x
@@ -327,7 +327,7 @@ class EfficientFormer(DistilledBackbone):
         intermediates_only: bool = False,
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Stage outputs as (B, C, H, W) maps; ``norm`` applies the final norm to the last one. The final
-        output is what ``forward_features`` returns."""
+        output is what ``forward_features`` returns (tokens)."""
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt={output_fmt!r} is not supported; allowed: 'NCHW'")
         x = self.check_input(x)
@@ -346,7 +346,7 @@ class EfficientFormer(DistilledBackbone):
         if len(stages) - 1 == last:
             x = self.norm(x)
             if self.tokens_out:
-                x = x.permute(0, 3, 1, 2)
+                x = x.flatten(1, 2)
         return x, intermediates
 
     # ---- deploy ---------------------------------------------------------------------------------

@@ -460,17 +460,22 @@ class Levit(DistilledBackbone):
     def _to_tokens(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.use_conv else x.permute(0, 2, 3, 1).contiguous()  # B, H, W, C
 
+    def _output(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's layouts: (B, C, H, W) maps in the conv form, (B, N, C) tokens (a view of our (B, H, W, C)
+        tokens) in the linear form."""
+        if self.use_conv:
+            return x
+        return x.flatten(1, 2)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) in both forms (the linear form returns a permuted view of its (B, H, W, C) tokens;
-        timm's returns (B, N, C))."""
+        """(B, C, H, W) in the conv form, (B, N, C) tokens in the linear form, as timm."""
         x = self.check_input(x)
         x = self._to_tokens(self.stem(self.stem_input(x)))
-        x = self.stages(x)
-        return x if self.use_conv else x.permute(0, 3, 1, 2)
+        return self._output(self.stages(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
         if self.global_pool == "avg":
-            x = x.mean((2, 3))
+            x = x.mean((2, 3)) if self.use_conv else x.mean(1)
         if pre_logits:
             return x
         return self.classify(x)
@@ -503,7 +508,7 @@ class Levit(DistilledBackbone):
                 intermediates.append(x if self.use_conv else x.permute(0, 3, 1, 2))
         if intermediates_only:
             return intermediates
-        return (x if self.use_conv else x.permute(0, 3, 1, 2)), intermediates
+        return self._output(x), intermediates
 
     # ---- deploy ---------------------------------------------------------------------------------
     def fuse(self) -> nn.Module:
