@@ -16,6 +16,19 @@ class LayerNorm2d(nn.LayerNorm):
         return x.permute(0, 3, 1, 2)
 
 
+class ChannelAffine(nn.Module):
+    """``x * scale + shift`` per channel of a (B, C, H, W) map: what an eval-mode BatchNorm2d computes (the
+    inference form of a BatchNorm with nothing to fold into)."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.detach().clone().reshape(1, -1, 1, 1))
+        self.register_buffer("shift", shift.detach().clone().reshape(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.shift, x, self.scale)
+
+
 class GlobalResponseNorm(nn.Module):
     """Global Response Normalization (ConvNeXt V2, arXiv:2301.00808).
 

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..deploy.fold import (
+    bn_scale_shift,
     fold_affine_into_output,
-    fuse_bn_linear,
     identity_kernel,
     sum_branches,
 )
@@ -46,6 +46,7 @@ from ..layers.attn_bias import (
 )
 from ..layers.conv_bn import ConvBnAct
 from ..layers.drop import drop_path_rates
+from ..layers.norm import ChannelAffine
 from ..registry import FamilyDefaults, register_family
 from ._base import DistilledBackbone, Stage
 
@@ -441,11 +442,11 @@ class EfficientFormerV2(DistilledBackbone):
         mean, an affine map) into one Linear, and run in channels_last (oneDNN's fast convolutions on CPU;
         the input is converted once at the stem)."""
         self.merge_distilled_heads()
-        if self.global_pool == "avg" and isinstance(self.head, nn.Linear) and isinstance(self.norm, nn.BatchNorm2d):
-            # An eval BatchNorm is per-channel affine, so it commutes with average pooling and folds into the
-            # classifier (the fused model's forward_features then stops before that affine map).
-            self.head = fuse_bn_linear(self.norm, self.head)
-            self.norm = nn.Identity()
+        # The final BatchNorm could fold into the classifier (it commutes with average pooling), but then the
+        # fused forward_features and pre-logits would differ from the training form's: it becomes a
+        # per-channel affine map instead.
+        if isinstance(self.norm, nn.BatchNorm2d):
+            self.norm = ChannelAffine(*bn_scale_shift(self.norm))
         self.use_channels_last()
         return self
 

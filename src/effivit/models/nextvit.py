@@ -39,6 +39,7 @@ from ..deploy.fold import bn_scale_shift, fold_affine_into_input, fuse_conv_bn
 from ..layers import ClassifierHead, ConvMlp, ConvNorm, DropPath, make_divisible
 from ..layers.attention import attend, heads_to_map, map_to_heads
 from ..layers.drop import drop_path_rates
+from ..layers.norm import ChannelAffine
 from ..layers.xca import apply_channel_attention, channel_attention, mix_channels
 from ..registry import FamilyDefaults, register_family
 from ._base import Backbone, Stage
@@ -87,18 +88,6 @@ DEFAULTS = FamilyDefaults(
 
 def _norm(chs: int) -> nn.Module:
     return nn.BatchNorm2d(chs, eps=1e-5)
-
-
-class ChannelAffine(nn.Module):
-    """``x * scale + shift`` per channel of a (B, C, H, W) map: what an eval-mode BatchNorm2d computes."""
-
-    def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("scale", scale.detach().clone().reshape(1, -1, 1, 1))
-        self.register_buffer("shift", shift.detach().clone().reshape(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.shift, x, self.scale)
 
 
 class PointwiseConv(nn.Conv2d):
