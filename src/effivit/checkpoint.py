@@ -8,6 +8,7 @@ differ from timm's declares a ``checkpoint_filter(state_dict, model)`` (a module
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 from collections.abc import Mapping
@@ -20,6 +21,9 @@ from torch import nn
 HF_HUB_PREFIX = "hf-hub:"
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 _WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module")
+
+
+_log = logging.getLogger("effivit")
 
 
 class CheckpointError(ValueError):
@@ -45,7 +49,7 @@ def _unwrap(obj: Any, source: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _download_from_hub(hub_id: str, revision: str | None = None) -> Path:
+def _download_from_hub(hub_id: str, revision: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
@@ -54,7 +58,7 @@ def _download_from_hub(hub_id: str, revision: str | None = None) -> Path:
     last_error: Exception | None = None
     for filename in ("model.safetensors", "pytorch_model.bin"):
         try:
-            return Path(hf_hub_download(hub_id, filename, revision=revision))
+            return Path(hf_hub_download(hub_id, filename, revision=revision, cache_dir=cache_dir))
         except EntryNotFoundError as e:
             last_error = e
             continue
@@ -73,7 +77,8 @@ def _download_from_hub(hub_id: str, revision: str | None = None) -> Path:
     )
 
 
-def load_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def load_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor],
+                    cache_dir: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
     """Read a state dict from a path, an ``hf-hub:org/name[@revision]`` id or a mapping, without pickle."""
     if isinstance(source, Mapping):
         return _unwrap(source, "the given state dict")
@@ -84,7 +89,7 @@ def load_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> d
     text = os.fspath(source)
     if text.startswith(HF_HUB_PREFIX):
         hub_id, _, revision = text[len(HF_HUB_PREFIX):].partition("@")
-        path = _download_from_hub(hub_id, revision or None)
+        path = _download_from_hub(hub_id, revision or None, cache_dir)
     else:
         path = Path(text)
     if not path.is_file():
@@ -118,43 +123,101 @@ def _filter_for(model: nn.Module):
     return getattr(type(model), "checkpoint_filter", None)
 
 
+def _classifier_names(model: nn.Module) -> tuple[str, ...]:
+    heads = getattr(model, "pretrained_cfg", {}).get("classifier", "head.fc")
+    return (heads,) if isinstance(heads, str) else tuple(heads)
+
+
+def _head_prefixes(classifiers: tuple[str, ...]) -> tuple[str, ...]:
+    # The module a classifier sits in (LeViT's ``head`` holds ``bn`` + ``linear``): its keys go away with the
+    # classifier when a model is built without one (num_classes=0).
+    return tuple(c.rsplit(".", 1)[0] + "." if "." in c else c + "." for c in classifiers)
+
+
+def checkpoint_num_classes(state: Mapping[str, torch.Tensor], model: nn.Module) -> int | None:
+    """The number of classes of the checkpoint's first classifier (None if it has none)."""
+    for name in _classifier_names(model):
+        for suffix in (".weight", ".linear.weight", ".fc.weight"):
+            w = state.get(name + suffix)
+            if w is not None and w.dim() >= 1:
+                return int(w.shape[0])
+    return None
+
+
 def load_checkpoint(
     model: nn.Module,
     source: str | os.PathLike | Mapping[str, torch.Tensor],
     strict: bool = True,
     drop_classifier: bool = False,
+    adapt_classifier: bool = False,
+    cache_dir: str | os.PathLike | None = None,
 ) -> nn.Module:
     """Load weights into ``model`` and return it.
 
     ``source``: a ``.safetensors`` file, a ``.pth/.pt/.bin`` file (``weights_only=True``), an
     ``hf-hub:org/name`` id (huggingface_hub, works offline from its cache) or a state dict.
     timm-format checkpoints are accepted; key names are mapped by the family's ``checkpoint_filter``.
-    ``drop_classifier`` skips the classifier weights (fine-tuning with a new head).
+
+    Classifier weights (the ``classifier`` entries of the model's ``pretrained_cfg``):
+
+    - by default they load like every other weight (a mismatch is an error);
+    - ``adapt_classifier=True`` (what ``create_model(..., pretrained=...)`` uses) loads them whenever the
+      checkpoint has as many classes as the model, and otherwise keeps the model's new head, logging the
+      dropped keys on the ``effivit`` logger;
+    - ``drop_classifier=True`` always keeps the model's head.
+
     Missing, unexpected or mis-shaped keys raise :class:`CheckpointError` listing them (when ``strict``).
+    Nothing is copied until everything has been checked and converted to the model's dtypes and devices, so a
+    load that fails leaves the model untouched. A model built on the meta device gets the checkpoint's
+    tensors assigned (``load_state_dict(assign=True)``).
     """
     from .models._features import FeatureExtractor
 
     target = model.model if isinstance(model, FeatureExtractor) else model
-    state = load_state_dict(source)
+    state = load_state_dict(source, cache_dir)
     filt = _filter_for(target)
     if filt is not None:
         state = filt(state, target)
     own = target.state_dict()
-    if drop_classifier:
-        heads = target.pretrained_cfg.get("classifier", "head.fc")
-        heads = (heads,) if isinstance(heads, str) else tuple(heads)
-        state = {k: v for k, v in state.items() if not any(k.startswith(h + ".") for h in heads)}
-        own_heads = {k for k in own if any(k.startswith(h + ".") for h in heads)}
-    else:
-        own_heads = set()
+    name = target.pretrained_cfg.get("architecture", type(target).__name__)
+    classifiers = _classifier_names(target)
+    own_heads: set[str] = set()
+    own_heads: set[str] = set()
+    own_classifier = {k for k in own if k.startswith(tuple(c + "." for c in classifiers))}
+    if adapt_classifier and not drop_classifier:
+        ckpt_classes = checkpoint_num_classes(state, target)
+        model_classes = getattr(target, "num_classes", None)
+        if ckpt_classes is None and own_classifier:
+            _log.warning("%s: the checkpoint has no classifier: keeping the model's new one", name)
+            own_heads = own_classifier
+        elif ckpt_classes is not None and ckpt_classes != model_classes:
+            # Classifier weights, and weights of the head modules that the model's head no longer has or has
+            # in another shape (LeViT's head BatchNorm with num_classes=0), have no place in this model.
+            prefixes = _head_prefixes(classifiers)
+            dropped = sorted(k for k in state if k.startswith(prefixes) and (
+                k not in own or own[k].shape != state[k].shape or k.startswith(tuple(c + "." for c in classifiers))))
+            _log.warning(
+                "%s: the checkpoint has %d classes and the model %d: keeping the model's new classifier, "
+                "dropping %d checkpoint keys: %s", name, ckpt_classes, model_classes, len(dropped), _clip(dropped))
+            drop = set(dropped)
+            state = {k: v for k, v in state.items() if k not in drop}
+            own_heads = own_classifier
+    elif drop_classifier:
+        state = {k: v for k, v in state.items() if not any(k.startswith(h + ".") for h in classifiers)}
+        own_heads = own_classifier
     missing = sorted(k for k in own if k not in state and k not in own_heads)
     unexpected = sorted(k for k in state if k not in own)
+    if isinstance(model, FeatureExtractor) and unexpected:
+        # A feature extractor has been pruned (later stages, final norm, head): those weights have no place.
+        _log.info("%s: %d checkpoint keys belong to parts a features_only model pruned: %s", name,
+                  len(unexpected), _clip(unexpected))
+        state = {k: v for k, v in state.items() if k in own}
+        unexpected = []
     mismatched = sorted(
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
         for k in state
         if k in own and state[k].shape != own[k].shape
     )
-    name = target.pretrained_cfg.get("architecture", type(target).__name__)
     problems = []
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatches: {_clip(mismatched)}")
@@ -167,7 +230,22 @@ def load_checkpoint(
             f"checkpoint does not fit model {name!r} (is it for another model or configuration?): "
             + "; ".join(problems)
         )
-    target.load_state_dict(state, strict=False)
+    on_meta = any(t.is_meta for t in own.values())
+    # Convert everything first (the step that can fail: dtype, device, memory); then copy, which cannot.
+    try:
+        prepared = {}
+        for k, v in state.items():
+            if k not in own:
+                continue
+            ref = own[k]
+            if on_meta:
+                dtype = ref.dtype if ref.is_floating_point() and v.is_floating_point() else v.dtype
+                prepared[k] = v.to(dtype=dtype)
+            else:
+                prepared[k] = v.to(device=ref.device, dtype=ref.dtype)
+    except (RuntimeError, TypeError) as e:
+        raise CheckpointError(f"could not convert the checkpoint's tensors for model {name!r}: {e}") from e
+    target.load_state_dict(prepared, strict=False, assign=on_meta)
     return model
 
 

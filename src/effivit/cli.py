@@ -18,7 +18,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
         if args.verbose:
             cfg = get_entry(name).pretrained_cfg(name.partition(".")[2] or None)
             pub = cfg.get("published")
-            top1 = f"{pub.top1:.2f}" if pub is not None and pub.top1 is not None else "-"
+            top1 = f"{pub['top1']:.2f}" if pub is not None and pub["top1"] is not None else "-"
             size = "x".join(str(s) for s in cfg["input_size"][1:])
             print(f"{name:40s} {cfg['family']:20s} {size:>9s}  top1={top1}")
         else:

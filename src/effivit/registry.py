@@ -14,7 +14,7 @@ import fnmatch
 import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from typing import Any
 
@@ -68,6 +68,9 @@ class FamilyDefaults:
     classifier: str | tuple[str, ...] = "head.fc"
     # Input H and W must be multiples of this (the product of the strides the architecture needs).
     size_divisor: int = 32
+    # The smallest H and W the architecture takes (None: size_divisor). Fully convolutional families set
+    # size_divisor=1 and the size below which a stage would get an empty map.
+    min_input_size: int | None = None
     # True when the architecture only runs at its training size.
     fixed_input_size: bool = False
     has_distill_head: bool = False
@@ -113,6 +116,7 @@ class ModelEntry:
             "input_size": t.input_size if t else d.input_size,
             "fixed_input_size": d.fixed_input_size,
             "size_divisor": d.size_divisor,
+            "min_input_size": d.size_divisor if d.min_input_size is None else d.min_input_size,
             "crop_pct": t.crop_pct if t else d.crop_pct,
             "crop_mode": "center",
             "interpolation": t.interpolation if t else d.interpolation,
@@ -124,7 +128,7 @@ class ModelEntry:
             "paper": d.paper,
         }
         if t is not None:
-            cfg["published"] = t.published
+            cfg["published"] = asdict(t.published)  # plain data: the whole cfg is JSON-serialisable
         return cfg
 
 

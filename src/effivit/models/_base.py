@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-def check_input(x: torch.Tensor, in_chans: int, size_divisor: int) -> torch.Tensor:
+def check_input(x: torch.Tensor, in_chans: int, size_divisor: int, min_size: int = 1) -> torch.Tensor:
     """Reject inputs the architecture cannot take, naming what was wrong and what is allowed; returns ``x``.
 
     Tracers see one opaque call (``torch.fx.wrap`` below), so FX graphs (torchvision's
@@ -28,10 +28,14 @@ def check_input(x: torch.Tensor, in_chans: int, size_divisor: int) -> torch.Tens
             f"expected {in_chans} input channels (B, {in_chans}, H, W), got {x.shape[1]} in shape {list(x.shape)}"
         )
     h, w = x.shape[2], x.shape[3]
-    if h % size_divisor != 0 or w % size_divisor != 0 or h == 0 or w == 0:
+    if size_divisor > 1 and (h % size_divisor != 0 or w % size_divisor != 0 or h == 0 or w == 0):
         raise ValueError(
             f"input size H={h}, W={w} is not allowed: H and W must be positive multiples of {size_divisor}"
         )
+    if h < min_size or w < min_size:
+        raise ValueError(f"input size H={h}, W={w} is not allowed: H and W must be at least {min_size}")
+    if not x.is_floating_point():
+        raise ValueError(f"expected a floating-point image tensor, got dtype {x.dtype} (convert it with .float())")
     return x
 
 
@@ -98,8 +102,15 @@ class Backbone(nn.Module):
     """
 
     __jit_unused_properties__ = ["default_cfg"]
+    # Leaf names of parameters that take no weight decay (timm's optimizer factory reads no_weight_decay()).
+    no_weight_decay_names: tuple[str, ...] = (
+        "attention_biases", "relative_position_bias_table", "pos_embed", "cls_token", "dist_token", "gamma",
+        "gamma1", "gamma2", "layer_scale", "temperature",
+    )
+    # Modules that run only in forward_final (pruned with prune_norm=True).
+    final_module_names: tuple[str, ...] = ("norm",)
 
-    def __init__(self, in_chans: int, num_classes: int, size_divisor: int) -> None:
+    def __init__(self, in_chans: int, num_classes: int, size_divisor: int, min_size: int | None = None) -> None:
         super().__init__()
         if not isinstance(in_chans, int) or in_chans < 1:
             raise ValueError(f"in_chans must be a positive int, got {in_chans!r}")
@@ -108,6 +119,7 @@ class Backbone(nn.Module):
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.size_divisor = size_divisor
+        self.min_size = size_divisor if min_size is None else min_size
         self.grad_checkpointing = False
         self.pretrained_cfg: dict[str, Any] = {}
         self.feature_info: list[dict[str, Any]] = []
@@ -136,7 +148,70 @@ class Backbone(nn.Module):
                 m.grad_checkpointing = enable
 
     def check_input(self, x: torch.Tensor) -> torch.Tensor:
-        return check_input(x, self.in_chans, self.size_divisor)
+        return check_input(x, self.in_chans, self.size_divisor, self.min_size)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that take no weight decay: attention-bias and position tables, class tokens, layer
+        scales, temperatures (timm's optimizer factory reads this)."""
+        return {name for name, _ in self.named_parameters() if name.rsplit(".", 1)[-1] in self.no_weight_decay_names}
+
+    def _stem_names(self) -> list[str]:
+        names = []
+        for name, _ in self.named_children():
+            if name == "stages":
+                break
+            names.append(name)
+        return names
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """timm's parameter grouping (layer-wise learning-rate decay): the stem first, then stage by stage
+        (block by block unless ``coarse``), the final norm last; the head matches nothing (the last group)."""
+        stem = r"^(?:" + "|".join(self._stem_names()) + r")\."
+        if coarse:
+            return dict(stem=stem, blocks=r"^stages\.(\d+)")
+        final = "|".join(self.final_module_names)
+        return dict(stem=stem, blocks=[
+            (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+            (r"^stages\.(\d+)\.", (0,)),
+            (r"^(?:" + final + r")\.", (99999,)),
+        ])
+
+    @torch.jit.ignore
+    def head_module_names(self) -> list[str]:
+        """The top-level modules holding the classifier(s), from ``pretrained_cfg['classifier']``."""
+        classifiers = self.pretrained_cfg.get("classifier", "head.fc")
+        classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+        names = []
+        for c in classifiers:
+            top = c.split(".", 1)[0]
+            if top not in names and hasattr(self, top):
+                names.append(top)
+        return names or ["head"]
+
+    @torch.jit.ignore
+    def prune_intermediate_layers(
+        self,
+        indices: int | list[int] | tuple[int, ...] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        """Drop what ``forward_intermediates(indices)`` does not need (timm's contract): the stages after the
+        last one taken, the final norm/conv with ``prune_norm``, the head(s) with ``prune_head`` (their
+        parameters leave the model and its state dict). Returns the stage indices kept."""
+        take = resolve_indices(indices, len(self.stages))
+        self.stages = self.stages[: max(take) + 1]
+        self.feature_info = self.feature_info[: max(take) + 1]
+        if prune_norm:
+            for name in self.final_module_names:
+                if hasattr(self, name):
+                    setattr(self, name, nn.Identity())
+        if prune_head:
+            for name in self.head_module_names():
+                setattr(self, name, nn.Identity())
+            self.num_classes = 0
+        return take
 
     # ---- forward --------------------------------------------------------------------------------
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,16 +26,23 @@ class FeatureInfo(list):
 class FeatureExtractor(nn.Module):
     """Wraps a model; ``forward`` returns the feature maps after the stages in ``out_indices``.
 
-    Stages after the last one needed are dropped (they would cost time for nothing), as is the head.
+    The model is pruned first (``prune_intermediate_layers``, timm's contract): stages after the last one
+    needed, the final norm and the head leave the model, its parameters and its state dict, so nothing
+    computes for nothing and DDP sees no unused parameters.
     """
 
     def __init__(self, model: nn.Module, out_indices: int | list[int] | tuple[int, ...] | None = None) -> None:
         super().__init__()
         num_stages = len(model.feature_info)
         self.out_indices = tuple(resolve_indices(out_indices, num_stages))
-        self.model = model
         self.feature_info = FeatureInfo(dict(model.feature_info[i], index=i) for i in self.out_indices)
+        model.prune_intermediate_layers(list(self.out_indices), prune_norm=True, prune_head=True)
+        self.model = model
         self.pretrained_cfg: dict[str, Any] = getattr(model, "pretrained_cfg", {})
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
 
     @property
     def default_cfg(self) -> dict[str, Any]:

@@ -282,6 +282,7 @@ class EfficientFormer(DistilledBackbone):
             prev = dim
         self.stages = nn.Sequential(*stages)
         self.tokens_out = cfg.num_vit > 0
+        self.last_stage = len(cfg.depths) - 1  # the token stage (stays its index when stages are pruned)
         self.num_features = self.head_hidden_size = prev
         self.norm = nn.LayerNorm(prev) if self.tokens_out else nn.BatchNorm2d(prev)
         self.head_drop = nn.Dropout(drop_rate)
@@ -332,7 +333,7 @@ class EfficientFormer(DistilledBackbone):
             raise ValueError(f"output_fmt={output_fmt!r} is not supported; allowed: 'NCHW'")
         x = self.check_input(x)
         take = resolve_indices(indices, len(self.stages))
-        last = len(self.stages) - 1
+        last = self.last_stage
         stages = self.stages if not stop_early else self.stages[: max(take) + 1]
         x = self.stem(self.stem_input(x))
         intermediates = []

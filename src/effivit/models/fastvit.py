@@ -377,6 +377,7 @@ class FastViTStage(nn.Module):
 
 class FastViT(Backbone):
     checkpoint_filter = None  # set below (needs the function defined after the class)
+    final_module_names = ("final_conv",)
 
     def __init__(self, cfg: FastViTConfig, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
                  proj_drop_rate: float = 0.0, drop_path_rate: float | None = None,
