@@ -93,7 +93,9 @@ DEFAULTS_V1 = FamilyDefaults(
     crop_pct=0.875,
     first_conv="stem.0",
     classifier="head.fc",
-    size_divisor=32,
+    # the 4x4 stem and three 2x2 downsamplings need 32 pixels (smaller leaves an empty map)
+    size_divisor=1,
+    min_input_size=32,
     paper="A ConvNet for the 2020s (arXiv:2201.03545)",
 )
 
@@ -102,7 +104,9 @@ DEFAULTS_V2 = FamilyDefaults(
     crop_pct=0.875,
     first_conv="stem.0",
     classifier="head.fc",
-    size_divisor=32,
+    # the 4x4 stem and three 2x2 downsamplings need 32 pixels (smaller leaves an empty map)
+    size_divisor=1,
+    min_input_size=32,
     paper="ConvNeXt V2: Co-designing and Scaling ConvNets with Masked Autoencoders (arXiv:2301.00808)",
 )
 
@@ -241,7 +245,7 @@ class ConvNeXt(Backbone):
 
     def __init__(self, cfg: ConvNeXtConfig, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
                  drop_path_rate: float | None = None, global_pool: str = "avg") -> None:
-        super().__init__(in_chans, num_classes, DEFAULTS_V1.size_divisor)
+        super().__init__(in_chans, num_classes, DEFAULTS_V1.size_divisor, DEFAULTS_V1.min_input_size)
         dpr_total = cfg.drop_path_rate if drop_path_rate is None else drop_path_rate
         if not 0.0 <= dpr_total < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {dpr_total}")

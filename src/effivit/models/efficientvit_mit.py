@@ -69,7 +69,9 @@ DEFAULTS = FamilyDefaults(
     crop_pct=0.95,
     first_conv="stem.in_conv.conv",
     classifier="head.classifier.4",
-    size_divisor=32,
+    # every stride-2 conv is padded and the attention is linear: any size works
+    size_divisor=1,
+    min_input_size=1,
     paper="EfficientViT: Multi-Scale Linear Attention for High-Resolution Dense Prediction (arXiv:2205.14756)",
 )
 
@@ -225,7 +227,7 @@ class MitHead(nn.Module):
 class EfficientViTMit(Backbone):
     def __init__(self, cfg: EfficientViTMitConfig, num_classes: int = 1000, in_chans: int = 3,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, global_pool: str = "avg") -> None:
-        super().__init__(in_chans, num_classes, DEFAULTS.size_divisor)
+        super().__init__(in_chans, num_classes, DEFAULTS.size_divisor, DEFAULTS.min_input_size)
         widths, depths = cfg.widths, cfg.depths
         stem_chs = widths[0]
         stem_layers: list[tuple[str, nn.Module]] = [

@@ -101,7 +101,9 @@ DEFAULTS = FamilyDefaults(
     crop_pct=0.875,
     first_conv="patch_embed.conv1.conv",
     classifier="head.linear",
-    size_divisor=PATCH_SIZE,
+    # padded stride-2 convs; windows are zero-padded to whole windows: any size works
+    size_divisor=1,
+    min_input_size=1,
     paper="EfficientViT: Memory Efficient Vision Transformer with Cascaded Group Attention (arXiv:2305.07027)",
 )
 
@@ -401,7 +403,7 @@ class EfficientViTMsra(Backbone):
 
     def __init__(self, cfg: EfficientViTMsraConfig, num_classes: int = 1000, in_chans: int = 3,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, global_pool: str = "avg") -> None:
-        super().__init__(in_chans, num_classes, DEFAULTS.size_divisor)
+        super().__init__(in_chans, num_classes, DEFAULTS.size_divisor, DEFAULTS.min_input_size)
         d0 = cfg.embed_dim[0]
         self.patch_embed = nn.Sequential(OrderedDict([
             ("conv1", ConvNorm(in_chans, d0 // 8, 3, stride=2, act_layer=_relu)),

@@ -99,7 +99,9 @@ DEFAULTS = FamilyDefaults(
     first_conv="stem.0.conv_kxk.0.conv",
     classifier="head.fc",
     # Stem stride 4, then three stride-2 patch embeddings.
-    size_divisor=32,
+    # every stride-2 conv is padded: any size works
+    size_divisor=1,
+    min_input_size=1,
     paper="FastViT: A Fast Hybrid Vision Transformer using Structural Reparameterization (arXiv:2303.14189)",
 )
 
@@ -382,7 +384,7 @@ class FastViT(Backbone):
     def __init__(self, cfg: FastViTConfig, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
                  proj_drop_rate: float = 0.0, drop_path_rate: float | None = None,
                  global_pool: str = "avg") -> None:
-        super().__init__(in_chans, num_classes, DEFAULTS.size_divisor)
+        super().__init__(in_chans, num_classes, DEFAULTS.size_divisor, DEFAULTS.min_input_size)
         dims = cfg.dims
         d0 = dims[0]
         # Stem (stride 4): 3x3 s2 conv, depth-wise 3x3 s2 conv, 1x1 conv; all MobileOne blocks with GELU.

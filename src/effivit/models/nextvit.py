@@ -81,7 +81,9 @@ DEFAULTS = FamilyDefaults(
     crop_pct=0.95,
     first_conv="stem.0.conv",
     classifier="head.fc",
-    size_divisor=32,
+    # below 25 pixels a stage's unpadded pooling gets an empty map
+    size_divisor=1,
+    min_input_size=25,
     paper="Next-ViT: Next Generation Vision Transformer (arXiv:2207.05501)",
 )
 
@@ -577,7 +579,7 @@ class NextViT(Backbone):
 
     def __init__(self, cfg: NextViTConfig, num_classes: int = 1000, in_chans: int = 3, attn: str = "original",
                  drop_rate: float = 0.0, drop_path_rate: float | None = None, global_pool: str = "avg") -> None:
-        super().__init__(in_chans, num_classes, DEFAULTS.size_divisor)
+        super().__init__(in_chans, num_classes, DEFAULTS.size_divisor, DEFAULTS.min_input_size)
         if attn not in TOKEN_MIXERS:
             raise ValueError(f"unknown attention kind attn={attn!r}; allowed: {ATTN_KINDS}")
         self.attn = attn

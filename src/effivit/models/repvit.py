@@ -69,7 +69,9 @@ DEFAULTS = FamilyDefaults(
     crop_pct=0.95,
     first_conv="stem.conv1.conv",
     classifier=("head.head.linear", "head.head_dist.linear"),
-    size_divisor=32,
+    # every stride-2 conv is padded: any size works
+    size_divisor=1,
+    min_input_size=1,
     has_distill_head=True,
     paper="RepViT: Revisiting Mobile CNN From ViT Perspective (arXiv:2307.09283)",
 )
@@ -212,7 +214,7 @@ class RepViT(Backbone):
 
     def __init__(self, cfg: RepViTConfig, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
                  drop_path_rate: float | None = None, global_pool: str = "avg") -> None:
-        super().__init__(in_chans, num_classes, DEFAULTS.size_divisor)
+        super().__init__(in_chans, num_classes, DEFAULTS.size_divisor, DEFAULTS.min_input_size)
         if global_pool not in ("avg", ""):
             raise ValueError(f"global_pool={global_pool!r} is not supported; allowed: 'avg', ''")
         dpr_total = cfg.drop_path_rate if drop_path_rate is None else drop_path_rate
