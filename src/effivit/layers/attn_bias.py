@@ -223,6 +223,11 @@ class AttentionBiasBase(nn.Module):
         return self.attention_bias_cache
 
     @torch.jit.unused
+    def _bias_stamp_valid(self, key_h: int, key_w: int) -> bool:
+        """True when the cache was built from the current tables for this key grid."""
+        return self._bias_stamp == _stamp(self.bias_sources(), key_h, key_w)
+
+    @torch.jit.unused
     def build_bias_cache(self, key_h: int, key_w: int) -> None:
         """(Re)build the cache for a key grid now (``set_input_size`` and ``fuse`` call this)."""
         with torch.no_grad():
