@@ -113,7 +113,9 @@ class Attention(nn.Module):
       shape (N - num_prefix_tokens, 2 * head_dim) applied to q and k of the patch tokens
       (``layers/rope.py``); windowed attention folds its windows into the batch dimension before calling.
     - ``qkv_bias``: ``True``/``False`` for one fused ``qkv`` Linear (``qkv.weight``, ``qkv.bias``);
-      ``"qv"`` for a bias-free ``qkv`` plus learned ``q_bias``/``v_bias`` and a fixed zero k bias (BEiT/EVA).
+      ``"qv"`` for a bias-free ``qkv`` plus learned ``q_bias``/``v_bias`` and a fixed zero k bias (BEiT/EVA);
+      the zero k bias is made in forward, not held in a buffer, so a model built on the meta device and
+      loaded with ``to_empty()`` + ``load_state_dict(assign=True)`` has nothing left uninitialised.
     - ``separate_qkv``: ``q_proj``/``k_proj``/``v_proj`` Linears (k without bias), as EVA-02 large ships them.
     - ``head_first``: the fused qkv output is laid out (heads, 3, head_dim) rather than (3, heads, head_dim)
       (MaxViT's PyTorch-trained weights).
@@ -166,10 +168,9 @@ class Attention(nn.Module):
             self.q_proj = self.k_proj = self.v_proj = None
         if qkv_bias == "qv" and not separate_qkv:
             self.q_bias = nn.Parameter(torch.zeros(inner))
-            self.register_buffer("k_bias", torch.zeros(inner), persistent=False)
             self.v_bias = nn.Parameter(torch.zeros(inner))
         else:
-            self.q_bias = self.k_bias = self.v_bias = None
+            self.q_bias = self.v_bias = None
         self.q_norm = qk_norm(head_dim) if qk_norm is not None else nn.Identity()
         self.k_norm = qk_norm(head_dim) if qk_norm is not None else nn.Identity()
         self.norm = inner_norm(inner) if inner_norm is not None else nn.Identity()
@@ -185,8 +186,9 @@ class Attention(nn.Module):
             k = self.k_proj(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
             v = self.v_proj(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         else:
-            if self.q_bias is not None and self.k_bias is not None and self.v_bias is not None:
-                qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+            if self.q_bias is not None and self.v_bias is not None:
+                k_bias = torch.zeros_like(self.q_bias)
+                qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, k_bias, self.v_bias)))
             else:
                 qkv = self.qkv(x)
             if self.head_first:
