@@ -172,7 +172,13 @@ class AttentionBiasBase(nn.Module):
                 f"num_heads={num_heads}, resolution={(h, w)}, stride={stride}"
             )
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, h * w))
-        self.bias_resolution: tuple[int, int] = (h, w)
+        self.init_bias_cache((h, w), stride)
+
+    def init_bias_cache(self, resolution: tuple[int, int], stride: int = 1) -> None:
+        """The cache bookkeeping alone (``init_attention_bias`` calls it): for subclasses that own a table of
+        another layout (MaxViT's signed-offset ``relative_position_bias_table``) and override
+        :meth:`compute_attention_bias` and :meth:`bias_sources`. ``resolution`` is the trained key grid."""
+        self.bias_resolution: tuple[int, int] = (int(resolution[0]), int(resolution[1]))
         self.bias_stride: int = stride
         # The key grid the cache holds; (0, 0) when empty.
         self.bias_cache_grid: tuple[int, int] = (0, 0)
