@@ -33,7 +33,7 @@ def measure_ceiling(threads: int | None) -> GemmRate:
     return gemm_rate(n=1024, threads=threads)
 
 
-def header(command: str, gemm: GemmRate | None, extra: dict[str, Any] | None = None) -> list[str]:
+def header(command: str, gemm: GemmRate | dict[str, Any] | None, extra: dict[str, Any] | None = None) -> list[str]:
     """Markdown lines: command, date, machine, and the GEMM ceiling the figures are compared with."""
     info = machine_info("cpu")
     lines = [
@@ -41,7 +41,11 @@ def header(command: str, gemm: GemmRate | None, extra: dict[str, Any] | None = N
         "",
         f"Measured {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} on {machine_line(info)}.",
     ]
-    if gemm is not None:
+    if isinstance(gemm, dict) and gemm:
+        lines.append("GEMM ceilings measured in the same run (n=1024): " + ", ".join(
+            f"{d} **{g['rate']:.0f} G{'OP' if d == 'int8' else 'FLOP'}/s** ({g['library']}, {g['threads']} thread(s))"
+            for d, g in gemm.items()) + "; % of GEMM compares each row with its own precision's ceiling.")
+    elif isinstance(gemm, GemmRate):
         ort = f"{gemm.ort_gflops:.0f}" if gemm.ort_gflops else "n/a"
         lines.append(f"fp32 GEMM ceiling measured in the same run (n={gemm.n}, {gemm.threads} thread(s)): "
                      f"torch {gemm.torch_gflops:.0f} GFLOP/s, ONNX Runtime {ort} GFLOP/s; "

@@ -18,12 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DOC, ROOT, exact_command, header, write_section  # noqa: E402
 
 from effivit.bench.report import format_table  # noqa: E402
-from effivit.bench.timing import GemmRate  # noqa: E402
 from effivit.cli import main as effivit_main  # noqa: E402
 
 SECTION = "effivit-bench:default"
 COLUMNS = [
-    ("label", "model"), ("backend", "backend"), ("median_ms", "median ms", ".2f"), ("iqr_ms", "IQR ms", ".2f"),
+    ("label", "model"), ("backend", "backend"), ("dtype", "dtype"), ("median_ms", "median ms", ".2f"), ("iqr_ms", "IQR ms", ".2f"),
     ("throughput_ips", "img/s", ".1f"), ("params_m", "params M", ".2f"), ("gmacs", "GMACs", ".3f"),
     ("achieved_gflops", "GFLOP/s", ".1f"), ("pct_of_gemm", "% of GEMM", ".1f"), ("top1", "top-1", ".1f"),
     ("peak_mem_mb", "peak mem MB", ".0f"), ("front", "on front"),
@@ -45,21 +44,23 @@ def main(argv: list[str] | None = None) -> int:
             dest = img_dir / f"zoo_{c.name}"
             shutil.copyfile(c, dest)
             kept.append(dest)
-    g = data.get("gemm")
-    gemm = GemmRate(g["n"], g["torch_gflops"], g["ort_gflops"], g["threads"]) if g else None
+    gemm = data.get("gemm") or None
     s = data["settings"]
     lines = ["### The zoo on this machine (`effivit bench`)", ""]
     lines += header(exact_command(["benchmarks/zoo.py", *argv]), gemm,
                     {"Settings": f"{', '.join(map(str, s['img_sizes']))} px, batch {', '.join(map(str, s['batch_sizes']))}, "
-                                 f"{s['dtype']}, {s['device']}, fused, warm-up {s['warmup']}, up to {s['iters']} calls "
+                                 f"{'/'.join(s['dtypes'])}, {'/'.join(s['backends'])}, {s['device']}, fused, warm-up {s['warmup']}, up to {s['iters']} calls "
                                  f"in {s['rounds']} rounds (time budget {s['max_time_s']} s per model)"})
     rows = [dict(r, front="yes" if r.get("pareto") else "") for r in data["results"] if r["status"] == "ok"]
     for key in sorted({(r["img_size"], r["batch_size"]) for r in rows}):
         grp = sorted((r for r in rows if (r["img_size"], r["batch_size"]) == key), key=lambda r: r["median_ms"])
         lines += ["", f"**{key[0]} px, batch {key[1]}** (sorted by latency)", "", format_table(grp, COLUMNS, "markdown")]
     for r in data["results"]:
-        if r["status"] != "ok":
-            lines.append(f"- failed: {r['label']} [{r['backend']}] {r['img_size']} px b{r['batch_size']}: {r['error']}")
+        if r["status"] not in ("ok", "skipped"):
+            lines.append(f"- failed: {r['label']} [{r['backend']} {r['dtype']}] {r['img_size']} px "
+                         f"b{r['batch_size']}: {r['error']}")
+    for why in sorted({f"{r['backend']} {r['dtype']}: {r['error']}" for r in data["results"] if r["status"] == "skipped"}):
+        lines.append(f"- {why}")
     lines.append("")
     for path in kept:
         rel = path.relative_to(ROOT / "docs")

@@ -174,16 +174,32 @@ def test_best_under_budget():
         best_under_budget(rows, -1)
 
 
-def test_budget_lines_report_per_setting():
+def test_budget_lines_answer_with_the_best_held_path():
     base = {"status": "ok", "impl": "effivit", "img_size": 224, "batch_size": 1, "dtype": "fp32"}
     rows = [dict(base, backend="eager", label="a", median_ms=1.0, top1=70.0),
             dict(base, backend="eager", label="b", median_ms=5.0, top1=80.0),
-            dict(base, backend="onnxruntime", label="a", median_ms=0.5, top1=70.0)]
+            dict(base, backend="onnxruntime", label="a", median_ms=0.5, top1=70.0),
+            # b in int8 fits 2 ms, but its accuracy is unknown: not an answer.
+            dict(base, backend="onnxruntime", dtype="int8", label="b", median_ms=1.5, top1=80.0, accuracy_held=None),
+            dict(base, backend="openvino", dtype="bf16", label="b", median_ms=2.5, top1=80.0, accuracy_held=True),
+            dict(base, batch_size=8, backend="eager", label="a", median_ms=9.0, top1=70.0)]
     lines = budget_lines(rows, 2.0)
     assert len(lines) == 2
-    assert "eager" in lines[0] and "70.0% with a" in lines[0]
-    assert "onnxruntime" in lines[1] and "70.0% with a" in lines[1]
-    assert "best top-1 80.0% with b" in budget_lines(rows, 6.0)[0]
+    assert lines[0] == "budget 2 ms (224px batch 1): best top-1 70.0% with a in onnxruntime fp32 (0.50 ms)"
+    assert "no model with a published top-1 fits; fastest is a (eager fp32) at 9.00 ms" in lines[1]
+    assert "best top-1 80.0% with b in openvino bf16 (2.50 ms)" in budget_lines(rows, 3.0)[0]
+
+
+def test_pareto_and_best_path_only_count_held_precisions():
+    base = {"status": "ok", "impl": "effivit", "img_size": 224, "batch_size": 1, "device": "cpu"}
+    rows = [dict(base, label="a", backend="eager", dtype="fp32", median_ms=4.0, top1=70.0),
+            dict(base, label="a", backend="openvino", dtype="bf16", median_ms=2.0, top1=70.0, accuracy_held=True),
+            dict(base, label="a", backend="onnxruntime", dtype="int8", median_ms=1.0, top1=70.0, accuracy_held=None),
+            dict(base, label="b", backend="eager", dtype="fp32", median_ms=3.0, top1=75.0),
+            dict(base, label="b", backend="openvino", dtype="int8", median_ms=1.5, top1=75.0, accuracy_held=False)]
+    runner.mark_pareto(rows)
+    assert [r["best_path"] for r in rows] == [False, True, False, True, False]
+    assert [r["pareto"] for r in rows] == [False, True, False, True, False]
 
 
 # --- runs on toy models -------------------------------------------------------------------------------------
@@ -229,10 +245,10 @@ def _settings(**kw) -> Settings:
 def test_run_two_models_with_a_failing_backend(toys, monkeypatch):
     real = runner.prepare_backend
 
-    def flaky(backend, *args, **kwargs):
+    def flaky(backend, dtype, *args, **kwargs):
         if backend == "compile":
             raise RuntimeError("compiler exploded")
-        return real(backend, *args, **kwargs)
+        return real(backend, dtype, *args, **kwargs)
 
     monkeypatch.setattr(runner, "prepare_backend", flaky)
     specs = [ModelSpec(n) for n in toys] + [ModelSpec("toy_small", (("broken", True),))]
@@ -259,8 +275,8 @@ def test_run_two_models_with_a_failing_backend(toys, monkeypatch):
 def test_a_backend_failing_while_timed_does_not_stop_the_others(toys, monkeypatch):
     real = runner.prepare_backend
 
-    def dies_later(backend, *args, **kwargs):
-        fn = real("eager", *args, **kwargs)
+    def dies_later(backend, dtype, *args, **kwargs):
+        fn = real("eager", dtype, *args, **kwargs)
         if backend != "compile":
             return fn
         calls = []
@@ -289,7 +305,7 @@ def test_cli_writes_table_csv_json_and_chart(toys, tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "toy_small" in text and "toy_big" in text and "median ms" in text
-    assert "budget 1000 ms (32px batch 1 eager fp32): best top-1 70.0% with toy_big" in text
+    assert "budget 1000 ms (32px batch 1): best top-1 70.0% with toy_big in " in text
     with open(out / "results.csv", newline="") as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == RESULT_FIELDS
@@ -307,11 +323,19 @@ def test_cli_writes_table_csv_json_and_chart(toys, tmp_path, capsys):
     for batch in (1, 2):
         png = out / f"front_32px_b{batch}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # Pareto marking in the output agrees with the front computed from the output's own numbers.
+    # Pareto marking in the output agrees with the front computed from the output's own numbers: one front
+    # over every (model, runtime, precision) of a batch (all fp32 here, so all held).
     for r in data["results"]:
-        grp = [g for g in data["results"] if (g["batch_size"], g["backend"]) == (r["batch_size"], r["backend"])]
+        grp = [g for g in data["results"] if g["batch_size"] == r["batch_size"]]
         on = pareto_front([g["median_ms"] for g in grp], [g["top1"] for g in grp])
         assert r["pareto"] == on[grp.index(r)]
+    # The fastest path of each model is named, with its ratio to eager fp32 from the same paired rounds.
+    for (label, batch) in {(r["label"], r["batch_size"]) for r in data["results"]}:
+        grp = [g for g in data["results"] if (g["label"], g["batch_size"]) == (label, batch)]
+        best = [g for g in grp if g["best_path"]]
+        assert len(best) == 1 and best[0]["median_ms"] == min(g["median_ms"] for g in grp)
+        assert [g["speedup_vs_eager"] for g in grp if g["backend"] == "eager"] == [1.0]
+    assert "fastest held path" in text
 
 
 def test_cli_rejects_unknown_models(capsys):

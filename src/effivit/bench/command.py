@@ -1,8 +1,10 @@
 """``effivit bench``: measure the zoo on this machine and show which models are worth considering.
 
 With no arguments (what ``make bench`` runs) it measures the smallest variant of every registered family
-plus Next-ViT-S with each of its attention kinds, at 224 px, batch 1, fused, on the best local device, and
-prints a table with the accuracy/latency Pareto front marked. See ``docs/benchmarks.md`` for the method.
+plus Next-ViT-S with each of its attention kinds, at 224 px, batch 1, fused, on the best local device, in
+PyTorch eager fp32, and prints a table with the accuracy/latency Pareto front marked. ``--backend all
+--dtype all`` (or ``--preset fastest``) measures every available runtime x precision and answers with the
+fastest path of each model. See ``docs/benchmarks.md`` and ``docs/deploy.md``.
 """
 
 from __future__ import annotations
@@ -16,18 +18,20 @@ from pathlib import Path
 from typing import Any
 
 SWEEP_SIZES = (224, 320, 448, 640, 768, 1024)
-PRESETS = {
+PRESETS: dict[str, dict[str, Any]] = {
     # The setting of Next-ViT's published attention comparison: fp16, batch 8, on a GPU.
     "nextvit-attn": {"models": ["nextvit_small:attn=original", "nextvit_small:attn=bchw", "nextvit_small:attn=xca"],
-                     "dtype": "fp16", "batch_size": [8], "device": "cuda"},
+                     "dtype": ["fp16"], "backend": ["eager", "tensorrt"], "batch_size": [8], "device": "cuda"},
+    # The fastest deployable path of each model: every runtime x precision installed here.
+    "fastest": {"backend": ["all"], "dtype": ["all"]},
 }
 
 TABLE_COLUMNS: list[tuple[str, str] | tuple[str, str, str]] = [
-    ("label", "model"), ("img_size", "size"), ("batch_size", "batch"), ("backend", "backend"),
+    ("label", "model"), ("img_size", "size"), ("batch_size", "batch"), ("backend", "backend"), ("dtype", "dtype"),
     ("median_ms", "median ms", ".2f"), ("iqr_ms", "IQR ms", ".2f"), ("throughput_ips", "img/s", ".1f"),
     ("params_m", "params M", ".2f"), ("gmacs", "GMACs", ".3f"), ("achieved_gflops", "GFLOP/s", ".1f"),
     ("pct_of_gemm", "% GEMM", ".0f"), ("top1", "top-1", ".1f"), ("peak_mem_mb", "mem MB", ".0f"),
-    ("front", "front"),
+    ("speedup_vs_eager", "x eager", ".2f"), ("logit_err", "logit err", ".1e"), ("held", "acc"), ("front", "front"),
 ]
 
 
@@ -43,10 +47,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, nargs="+", default=None, metavar="N",
                    help="square input sizes (default 224; --resolution-sweep: 224..1024)")
     p.add_argument("--batch-size", type=int, nargs="+", default=None, metavar="B", help="batch sizes (default 1)")
-    p.add_argument("--backend", nargs="+", default=["eager"], choices=("eager", "compile", "onnxruntime"),
-                   help="runtimes to time, several are timed in alternating rounds (default eager)")
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
-                   help="fp16/bf16 run under autocast (default fp32)")
+    from .backends import DTYPES, list_backends
+
+    p.add_argument("--backend", nargs="+", default=None, choices=list_backends() + ["all"], metavar="NAME",
+                   help=f"runtimes to time, several are timed in alternating rounds: {' '.join(list_backends())} "
+                        "or all (what is not installed or has no device is reported as skipped; default eager)")
+    p.add_argument("--dtype", nargs="+", default=None, choices=list(DTYPES) + ["all"], metavar="DTYPE",
+                   help=f"precisions: {' '.join(DTYPES)} or all; each backend runs those it offers (fp16/bf16: "
+                        "weights cast once with deploy.to_dtype in torch; int8: static quantization; default fp32)")
+    p.add_argument("--calibration", default=None, metavar="DIR",
+                   help="images for int8 calibration (class sub-folders allowed); without it a small synthetic "
+                        "set is used and the accuracy of int8 rows is reported as unknown")
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and onnxruntime (default: their own, all cores)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -66,12 +77,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--budget-ms", type=float, default=None, metavar="MS",
                    help="print the best published top-1 reachable under this latency here")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="nextvit-attn: Next-ViT's published attention comparison (fp16, batch 8, CUDA)")
+                   help="fastest: every runtime x precision (= --backend all --dtype all); "
+                        "nextvit-attn: Next-ViT's published attention comparison (fp16, batch 8, CUDA, eager and TensorRT)")
     p.add_argument("--out", default=None, metavar="DIR", help="write results.csv, results.json and charts here")
     p.add_argument("--csv", default=None, metavar="PATH", help="also write the CSV here")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the JSON here")
     p.add_argument("--no-memory", action="store_true", help="skip peak-memory probes (faster)")
-    p.add_argument("--no-gemm", action="store_true", help="skip measuring this machine's fp32 GEMM rate")
+    p.add_argument("--no-gemm", action="store_true", help="skip measuring this machine's GEMM rates (fp32, bf16, int8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_command, _bench_parser=p)
 
@@ -93,12 +105,30 @@ def _settings_from_args(args: argparse.Namespace):
     iters = args.iters if args.iters is not None else (200 if cuda else (10 if big else 50))
     max_time = args.max_time if args.max_time is not None else (None if args.iters is not None else 10.0)
     return Settings(
-        img_sizes=tuple(sizes), batch_sizes=tuple(batches), backends=tuple(dict.fromkeys(args.backend)),
-        dtype=args.dtype or preset.get("dtype", "fp32"), channels_last=args.channels_last, threads=args.threads,
+        img_sizes=tuple(sizes), batch_sizes=tuple(batches), backends=_expand_backends(args, preset),
+        dtypes=_expand_dtypes(args, preset), channels_last=args.channels_last, threads=args.threads,
         device=device, warmup=warmup, iters=iters, rounds=args.rounds, unfused=args.unfused, max_time_s=max_time,
-        min_iters=min(3 if big else 10, iters),
+        min_iters=min(3 if big else 10, iters), calibration=args.calibration,
         compare_timm=args.compare_timm, memory=not args.no_memory,
     )
+
+
+def _expand_backends(args: argparse.Namespace, preset: dict[str, Any]) -> tuple[str, ...]:
+    from .backends import list_backends
+
+    names = args.backend or preset.get("backend", ["eager"])
+    if "all" in names:
+        names = list_backends()
+    return tuple(dict.fromkeys(names))
+
+
+def _expand_dtypes(args: argparse.Namespace, preset: dict[str, Any]) -> tuple[str, ...]:
+    from .backends import DTYPES
+
+    names = args.dtype or preset.get("dtype", ["fp32"])
+    if "all" in names:
+        names = list(DTYPES)
+    return tuple(dict.fromkeys(names))
 
 
 def _specs_from_args(args: argparse.Namespace):
@@ -130,37 +160,81 @@ def print_table(rows: Sequence[dict[str, Any]], file=None) -> None:
         cols.append(("speedup_vs_timm", "x timm", ".2f"))
     if any(r.get("fuse_speedup") is not None for r in rows):
         cols.append(("fuse_speedup", "x unfused", ".2f"))
-    if not any(r.get("pct_of_gemm") is not None for r in rows):
-        cols = [c for c in cols if c[0] != "pct_of_gemm"]
-    ok = [dict(r, front="*" if r.get("pareto") else "") for r in rows if r.get("status") == "ok"]
+    for key in ("pct_of_gemm", "speedup_vs_eager", "logit_err", "peak_mem_mb"):
+        if not any(r.get(key) is not None for r in rows):
+            cols = [c for c in cols if c[0] != key]
+    if len({(r.get("backend"), r.get("dtype")) for r in rows}) == 1:
+        cols = [c for c in cols if c[0] != "held"]
+    ok = [dict(r, front="*" if r.get("pareto") else "", held=_held_mark(r)) for r in rows if r.get("status") == "ok"]
     print(format_table(ok, cols), file=file)
-    failed = [r for r in rows if r.get("status") != "ok"]
+    skipped = [r for r in rows if r.get("status") == "skipped"]
+    if skipped:
+        reasons = sorted({(r["backend"], r["dtype"], r["error"]) for r in skipped})
+        print(f"\n{len(skipped)} measurement(s) skipped:", file=file)
+        for backend, dtype, err in reasons:
+            print(f"  {backend} {dtype}: {err.removeprefix(f'{backend} {dtype}: ')}", file=file)
+    failed = [r for r in rows if r.get("status") not in ("ok", "skipped")]
     if failed:
         print(f"\n{len(failed)} measurement(s) failed:", file=file)
         for r in failed:
-            print(f"  {r['label']} [{r.get('impl')}/{r['backend']}] {r['img_size']}px b{r['batch_size']}: "
-                  f"{r['error']}", file=file)
+            print(f"  {r['label']} [{r.get('impl')}/{r['backend']}/{r.get('dtype')}] {r['img_size']}px "
+                  f"b{r['batch_size']}: {r['error']}", file=file)
+
+
+def _held_mark(row: dict[str, Any]) -> str:
+    held = row.get("accuracy_held")
+    if row.get("dtype") == "fp32":
+        return "ref"
+    return "held" if held else ("lost" if held is False else "?")
+
+
+def winner_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """For each model, size and batch: the fastest path whose accuracy is held, and by how much it beats eager
+    fp32 (paired ratio); rows of unknown accuracy that were faster are named too."""
+    out = []
+    keys = sorted({(r["label"], r["img_size"], r["batch_size"]) for r in rows
+                   if r.get("status") == "ok" and r.get("impl", "effivit") == "effivit"})
+    if len({(r.get("backend"), r.get("dtype")) for r in rows}) < 2:
+        return out
+    for label, size, batch in keys:
+        grp = [r for r in rows if r.get("status") == "ok" and r.get("impl", "effivit") == "effivit"
+               and (r["label"], r["img_size"], r["batch_size"]) == (label, size, batch)]
+        best = next((r for r in grp if r.get("best_path")), None)
+        if best is None:
+            continue
+        vs = best.get("speedup_vs_eager")
+        text = f"{label} {size}px b{batch}: fastest held path {best['backend']} {best['dtype']} " \
+               f"{best['median_ms']:.2f} ms" + (f", {vs:.2f}x eager fp32" if vs else "")
+        faster = [r for r in grp if r["median_ms"] < best["median_ms"] and r is not best]
+        if faster:
+            f = min(faster, key=lambda r: r["median_ms"])
+            text += f" (faster but accuracy {f.get('accuracy') or 'unknown'}: {f['backend']} {f['dtype']} " \
+                    f"{f['median_ms']:.2f} ms)"
+        out.append(text)
+    return out
 
 
 def budget_lines(rows: Sequence[dict[str, Any]], budget_ms: float) -> list[str]:
-    """For each setting, the best published top-1 under the budget (or that nothing fits)."""
+    """For each size and batch, the best published top-1 under the budget over every (model, runtime,
+    precision) whose accuracy is held (or that nothing fits)."""
     from .pareto import best_under_budget
+    from .runner import _held
 
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        if r.get("status") == "ok" and r.get("impl", "effivit") == "effivit":
-            groups.setdefault((r["img_size"], r["batch_size"], r["backend"], r["dtype"]), []).append(r)
+        if r.get("status") == "ok" and r.get("impl", "effivit") == "effivit" and _held(r):
+            groups.setdefault((r["img_size"], r["batch_size"]), []).append(r)
     out = []
-    for (size, batch, backend, dtype), grp in sorted(groups.items()):
-        where = f"{size}px batch {batch} {backend} {dtype}"
+    for (size, batch), grp in sorted(groups.items()):
+        where = f"{size}px batch {batch}"
         best = best_under_budget(grp, budget_ms)
         if best is None:
             fastest = min(grp, key=lambda r: r["median_ms"])
             out.append(f"budget {budget_ms:g} ms ({where}): no model with a published top-1 fits; fastest is "
-                       f"{fastest['label']} at {fastest['median_ms']:.2f} ms")
+                       f"{fastest['label']} ({fastest['backend']} {fastest['dtype']}) at {fastest['median_ms']:.2f} ms")
         else:
             out.append(f"budget {budget_ms:g} ms ({where}): best top-1 {best['top1']:.1f}% with {best['label']} "
-                       f"({best['median_ms']:.2f} ms)")
+                       f"in {best['backend']} {best['dtype']} ({best['median_ms']:.2f} ms)")
     return out
 
 
@@ -210,7 +284,7 @@ def run_command(args: argparse.Namespace) -> int:
 
     from .machine import machine_info, machine_line
     from .runner import run_benchmark
-    from .timing import gemm_rate
+    from .timing import gemm_rates
 
     settings = _settings_from_args(args)
     if settings.threads:
@@ -223,21 +297,23 @@ def run_command(args: argparse.Namespace) -> int:
     specs = _specs_from_args(args)
     info = machine_info(settings.device)
     print(f"effivit bench: {len(specs)} model(s) on {machine_line(info)}", file=sys.stderr)
-    gemm = None
-    if settings.device == "cpu" and settings.dtype == "fp32" and not args.no_gemm:
+    gemm: dict[str, Any] = {}
+    if settings.device == "cpu" and not args.no_gemm:
         try:
-            gemm = gemm_rate(threads=settings.threads)
-            print(f"fp32 GEMM here: {gemm.torch_gflops:.0f} GFLOP/s (torch)"
-                  + (f", {gemm.ort_gflops:.0f} (onnxruntime)" if gemm.ort_gflops else ""), file=sys.stderr)
+            gemm = gemm_rates([d for d in settings.dtypes if d != "fp16"] or ["fp32"], threads=settings.threads)
+            print("GEMM rates here: " + ", ".join(f"{d} {g['rate']:.0f} G(FL)OP/s ({g['library']})"
+                                                  for d, g in gemm.items()), file=sys.stderr)
             from .runner import with_settings
 
-            settings = with_settings(settings, gemm_gflops=gemm.best_gflops)
+            settings = with_settings(settings, gemm_rates=tuple((d, g["rate"]) for d, g in gemm.items()))
         except Exception as e:  # the ceiling is context, not a reason to stop
-            print(f"could not measure the GEMM rate: {e}", file=sys.stderr)
+            print(f"could not measure the GEMM rates: {e}", file=sys.stderr)
     t0 = time.perf_counter()
     rows = run_benchmark(specs, settings, progress=not args.no_progress)
     elapsed = time.perf_counter() - t0
     print_table(rows)
+    for line in winner_lines(rows):
+        print(line)
     if args.budget_ms is not None:
         for line in budget_lines(rows, args.budget_ms):
             print(line)
@@ -245,7 +321,7 @@ def run_command(args: argparse.Namespace) -> int:
         "command": command_line(args),
         "machine": info,
         "settings": settings.as_dict(),
-        "gemm": gemm.as_dict() if gemm else None,
+        "gemm": gemm or None,
         "elapsed_s": elapsed,
         "budget_ms": args.budget_ms,
     }

@@ -5,7 +5,7 @@
 * CPU: tensors come from malloc, which neither ``tracemalloc`` nor torch's profiler sees reliably, and a
   process that has already run other models keeps freed pages. So the forward runs in a *fresh* process
   (``python -m effivit.bench.memory``): it imports the runtime, notes its resident set (RSS), builds and
-  fuses the model (or opens the ONNX Runtime session), resets the kernel's peak-RSS mark
+  fuses the model and prepares it in the backend (or loads the backend's artifact: ONNX / OpenVINO), resets the kernel's peak-RSS mark
   (``/proc/self/clear_refs``) so building does not count, runs two forwards and reads the peak (``VmHWM``).
   Reported: peak RSS minus the RSS after imports = weights + activations + runtime workspaces of one
   inference. Where the peak mark cannot be reset (not Linux) ``ru_maxrss`` is used and includes building.
@@ -61,31 +61,32 @@ def _peak_mb() -> float:
 
 
 def _child(job: dict[str, Any]) -> dict[str, Any]:
+    import importlib
+    from pathlib import Path
+
     import torch
 
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
-    if job["backend"] == "onnxruntime":
-        import onnxruntime  # noqa: F401  (imported before the baseline: its code is not the model's cost)
-    from .runner import ModelSpec, build_model, make_forward
+    from .backends import Context, get_backend
+    from .runner import ModelSpec, build_model
 
+    backend = get_backend(job["backend"])
+    if backend.package:
+        importlib.import_module(backend.package)  # imported before the baseline: its code is not the model's cost
     base = _rss_mb()
     spec = ModelSpec.parse(job["spec"])
     x = torch.randn(job["batch_size"], 3, job["img_size"], job["img_size"])
-    if job["backend"] == "onnxruntime":
-        from ..deploy.export import onnx_session
-
-        sess = onnx_session(job["onnx_path"], threads=job.get("threads"))
-        feed = {sess.get_inputs()[0].name: x.numpy()}
-
-        def fn() -> Any:
-            return sess.run(None, feed)
+    ctx = Context(threads=job.get("threads"), channels_last=job.get("channels_last", False), key="memory")
+    artifact = job.get("artifact") or job.get("onnx_path") or ""
+    if artifact and hasattr(backend, "load"):
+        prepared = backend.load(Path(artifact), x, job["dtype"], ctx)
     else:
-        model = build_model(spec, fused=job["fused"], channels_last=job["channels_last"], device="cpu")
-        fn = make_forward(model, x, dtype=job["dtype"], channels_last=job["channels_last"], device="cpu")
+        model = build_model(spec, fused=job["fused"], device="cpu")
+        prepared = backend.prepare(model, x, job["dtype"], ctx)
     exact = _reset_peak()
-    fn()
-    fn()
+    prepared()
+    prepared()
     return {"peak_mb": _peak_mb() - base, "exact": exact}
 
 

@@ -1,18 +1,17 @@
-"""The benchmark runner: build each model once, prepare each backend once, time them, collect rows.
+"""The benchmark runner: build each model once, prepare each runtime x precision once, time them, collect rows.
 
-What is timed is one forward call on a fixed input, nothing else: model building, fusing, ONNX export and
-session creation, and ``torch.compile``'s compilation all happen before the timer starts (compiled models
-and ONNX Runtime sessions are warmed up first). The backends of one model at one size and batch are timed
-in one :func:`~effivit.bench.timing.paired` call (alternating rounds), so their ratios are fair on a noisy
-machine. A model or backend that fails is recorded with the reason and the run goes on.
+What is timed is one forward call on a fixed input, nothing else: model building, fusing, exports,
+quantization, session creation and ``torch.compile``'s compilation all happen in the backend's ``prepare``
+(:mod:`effivit.bench.backends`) before the timer starts. All runtimes x precisions of one model at one
+size and batch are timed in one :func:`~effivit.bench.timing.paired` call (alternating rounds), so their
+ratios are fair on a noisy machine. A runtime that is not installed or has no device is recorded as
+skipped with the reason; one that fails is recorded with the error; the run goes on.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
-import io
 import math
 import sys
 import tempfile
@@ -25,11 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .backends import DTYPES as ALL_DTYPES
+from .backends import BackendUnavailable, Context, Prepared, get_backend, list_backends
 from .flops import achieved_gflops, count_macs, count_params
 from .pareto import pareto_front
 from .timing import Timing, paired, paired_ratio
 
-BACKENDS = ("eager", "compile", "onnxruntime")
+# Autocast precisions of :func:`make_forward` (the effivit-vs-timm comparison uses it).
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # effivit: our fused model; unfused: ours before deploy.fuse; timm: timm's model in its own fused form.
 IMPLS = ("effivit", "unfused", "timm")
@@ -39,8 +40,13 @@ RESULT_FIELDS = (
     "model", "label", "impl", "family", "img_size", "batch_size", "backend", "dtype", "device", "fused",
     "channels_last", "status", "error", "median_ms", "q1_ms", "q3_ms", "iqr_ms", "spread_pct", "p10_ms",
     "p90_ms", "mean_ms", "min_ms", "n", "throughput_ips", "params_m", "gmacs", "achieved_gflops", "pct_of_gemm",
-    "top1", "top1_img_size", "peak_mem_mb", "mem_note", "pareto", "speedup_vs_timm", "fuse_speedup",
+    "top1", "top1_img_size", "accuracy", "accuracy_held", "logit_err", "peak_mem_mb", "mem_note", "pareto",
+    "best_path", "speedup_vs_eager", "speedup_vs_timm", "fuse_speedup",
 )
+
+
+def backend_names() -> list[str]:
+    return list_backends()
 
 
 # --- what to measure ----------------------------------------------------------------------------------------
@@ -166,7 +172,8 @@ class Settings:
     img_sizes: tuple[int, ...] = (224,)
     batch_sizes: tuple[int, ...] = (1,)
     backends: tuple[str, ...] = ("eager",)
-    dtype: str = "fp32"
+    # Precisions: every backend x dtype pair is a candidate; pairs a backend does not offer are skipped.
+    dtypes: tuple[str, ...] = ("fp32",)
     channels_last: bool = False
     threads: int | None = None
     device: str = "cpu"
@@ -181,15 +188,20 @@ class Settings:
     unfused: bool = False
     compare_timm: bool = False
     memory: bool = True
-    # This machine's fp32 GEMM GFLOP/s, for the pct_of_gemm column (None: not measured).
-    gemm_gflops: float | None = None
+    # Images for int8 calibration (a folder); None: a small synthetic set (accuracy of int8 rows unknown).
+    calibration: str | None = None
+    calibration_images: int = 64
+    # This machine's GEMM rate per precision (GFLOP/s or GOP/s), for the pct_of_gemm column.
+    gemm_rates: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
-        bad = [b for b in self.backends if b not in BACKENDS]
+        known = list_backends()
+        bad = [b for b in self.backends if b not in known]
         if bad or not self.backends:
-            raise ValueError(f"unknown backend(s) {bad}; allowed: {list(BACKENDS)}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r}; allowed: {list(DTYPES)}")
+            raise ValueError(f"unknown backend(s) {bad}; allowed: {known} or 'all'")
+        bad = [d for d in self.dtypes if d not in ALL_DTYPES]
+        if bad or not self.dtypes:
+            raise ValueError(f"unknown dtype(s) {bad}; allowed: {list(ALL_DTYPES)} or 'all'")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device={self.device!r}; allowed: 'cpu', 'cuda'")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -205,9 +217,22 @@ class Settings:
             raise ValueError(f"max_time_s must be >= 0, got {self.max_time_s}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.calibration is not None and not Path(self.calibration).is_dir():
+            raise ValueError(f"calibration={self.calibration!r} is not a folder of images")
+
+    @property
+    def dtype(self) -> str:
+        """The first precision (what single-precision reports print)."""
+        return self.dtypes[0]
+
+    def gemm_rate(self, dtype: str) -> float | None:
+        return dict(self.gemm_rates).get(dtype)
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        out["gemm_rates"] = dict(self.gemm_rates)
+        out["dtype"] = self.dtype
+        return out
 
 
 # --- building and running -----------------------------------------------------------------------------------
@@ -235,11 +260,8 @@ def _autocast(dtype: str, device: str):
 
 def make_forward(model: nn.Module, x: torch.Tensor, dtype: str = "fp32", channels_last: bool = False,
                  device: str = "cpu") -> Callable[[], Any]:
-    """One timed call: ``model(x)`` under inference mode and, for fp16/bf16, autocast.
-
-    Autocast (rather than casting the weights) keeps normalisations and softmax in fp32, as deployment
-    toolchains do, and runs every model unchanged.
-    """
+    """One call ``model(x)`` under inference mode and, for fp16/bf16, autocast (what a user gets from a
+    model without ``deploy.to_dtype``; the bench's eager backend casts the weights once instead)."""
     x = x.to(device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -270,41 +292,6 @@ def published_top1(spec: ModelSpec, img_size: int) -> tuple[float | None, int | 
     return tag.published.top1, tag.input_size[1]
 
 
-class _OnnxCache:
-    """ONNX files (one per model and size, dynamic batch) and their sessions, built once."""
-
-    def __init__(self, root: Path, threads: int | None) -> None:
-        self.root, self.threads = root, threads
-        self.paths: dict[tuple[str, str, int], Path] = {}
-        self.sessions: dict[tuple[str, str, int], Any] = {}
-
-    def session(self, key: tuple[str, str, int], model: nn.Module, device: str):
-        if key not in self.sessions:
-            from ..deploy import export_onnx
-
-            safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in f"{key[0]}_{key[1]}_{key[2]}")
-            # The exporter prints its progress on stdout; keep stdout for the results table.
-            with contextlib.redirect_stdout(io.StringIO()):
-                path = export_onnx(model, self.root / f"{safe}.onnx", img_size=key[2], dynamic_batch=True)
-            self.paths[key] = path
-            self.sessions[key] = _ort_session(path, self.threads, device)
-        return self.sessions[key]
-
-
-def _ort_session(path: Path, threads: int | None, device: str):
-    from ..deploy.export import onnx_session
-
-    if device == "cpu":
-        return onnx_session(path, threads=threads)
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise RuntimeError("onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu)")
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), opts, providers=["CUDAExecutionProvider"])
-
-
 def _short(e: BaseException) -> str:
     msg = str(e).strip().splitlines()
     return f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]
@@ -314,31 +301,24 @@ def _short(e: BaseException) -> str:
 class _Candidate:
     impl: str
     backend: str
+    dtype: str
     model: nn.Module | None
-    cpu_model: nn.Module | None
-    fn: Callable[[], Any] | None = None
+    fn: Prepared | Callable[[], Any] | None = None
     error: str = ""
+    skipped: bool = False
     timing: Timing | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def key(self) -> str:
+        return f"{self.impl}/{self.backend}/{self.dtype}"
 
-def prepare_backend(backend: str, model: nn.Module, cpu_model: nn.Module, x: torch.Tensor, settings: Settings,
-                    onnx: _OnnxCache, key: tuple[str, str, int]) -> Callable[[], Any]:
-    """A ready-to-time forward for ``backend`` (exported / compiled / warmed up as needed)."""
-    if backend == "eager":
-        return make_forward(model, x, settings.dtype, settings.channels_last, settings.device)
-    if backend == "compile":
-        compiled = torch.compile(model, dynamic=False)
-        fn = make_forward(compiled, x, settings.dtype, settings.channels_last, settings.device)
-        fn()  # compile now, before any timing
-        return fn
-    if backend == "onnxruntime":
-        if settings.dtype != "fp32":
-            raise RuntimeError(f"the onnxruntime backend measures the fp32 export only (asked for {settings.dtype})")
-        sess = onnx.session(key, cpu_model, settings.device)
-        feed = {sess.get_inputs()[0].name: x.cpu().numpy()}
-        return lambda: sess.run(None, feed)
-    raise ValueError(f"unknown backend {backend!r}; allowed: {list(BACKENDS)}")
+
+def prepare_backend(backend: str, dtype: str, model: nn.Module, x: torch.Tensor, ctx: Context) -> Prepared:
+    """``model`` (already fused) ready to time in ``backend`` at ``dtype`` on ``x`` (see :mod:`.backends`)."""
+    b = get_backend(backend)
+    b.check(ctx.device, dtype)
+    return b.prepare(model, x, dtype, ctx)
 
 
 def _warm(c: _Candidate, settings: Settings) -> float:
@@ -367,7 +347,7 @@ def _time_candidates(cands: list[_Candidate], settings: Settings) -> None:
             per_call += _warm(c, settings)
             ready.append(c)
         except Exception as e:
-            c.error, c.fn = f"{c.backend}: {_short(e)}", None
+            c.error, c.fn = f"{c.backend} {c.dtype}: {_short(e)}", None
     if not ready:
         return
     iters = settings.iters
@@ -376,11 +356,11 @@ def _time_candidates(cands: list[_Candidate], settings: Settings) -> None:
         iters = max(min(settings.iters, settings.min_iters), min(iters, int(settings.max_time_s / per_call)))
     rounds = max(1, min(settings.rounds, iters))
     per_round = max(1, math.ceil(iters / rounds))
-    fns = {f"{c.impl}/{c.backend}": c.fn for c in ready}
+    fns = {c.key: c.fn for c in ready}
     try:
         res = paired(fns, rounds=rounds, iters_per_round=per_round, warmup=0, device=settings.device)
         for c in ready:
-            c.timing = res[f"{c.impl}/{c.backend}"]
+            c.timing = res[c.key]
         return
     except Exception:
         pass  # one of them fails while running: time each alone so the others still get numbers
@@ -417,6 +397,16 @@ def _copy_weights(ours: nn.Module, theirs: nn.Module) -> str:
     return ""
 
 
+def calibration_batches(settings: Settings, spec: ModelSpec, img_size: int) -> list[torch.Tensor] | None:
+    """int8 calibration images for ``spec`` at ``img_size`` from ``settings.calibration`` (None: synthetic)."""
+    if settings.calibration is None:
+        return None
+    from ..deploy.precision import calibration_from_folder
+
+    return calibration_from_folder(settings.calibration, spec.name, img_size,
+                                   max_images=settings.calibration_images)
+
+
 def run_benchmark(
     specs: Iterable[ModelSpec],
     settings: Settings,
@@ -424,10 +414,8 @@ def run_benchmark(
     workdir: str | Path | None = None,
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Measure every spec at every size x batch x backend; one row (dict with ``RESULT_FIELDS``) each."""
+    """Measure every spec at every size x batch x backend x dtype; one row (dict with ``RESULT_FIELDS``) each."""
     from tqdm.auto import tqdm
-
-    from ..registry import get_entry
 
     specs = list(specs)
     log = log or (lambda msg: print(msg, file=sys.stderr))
@@ -435,16 +423,16 @@ def run_benchmark(
         torch.set_num_threads(settings.threads)
     impls = [i for i in IMPLS if i == "effivit" or (i == "unfused" and settings.unfused)
              or (i == "timm" and settings.compare_timm)]
-    total = len(specs) * len(settings.img_sizes) * len(settings.batch_sizes) * len(settings.backends) * len(impls)
+    paths = [(b, d) for b in settings.backends for d in settings.dtypes]
+    total = len(specs) * len(settings.img_sizes) * len(settings.batch_sizes) * len(paths) * len(impls)
     rows: list[dict[str, Any]] = []
     tmp = tempfile.TemporaryDirectory(prefix="effivit-bench-") if workdir is None else None
     root = Path(workdir) if workdir is not None else Path(tmp.name)
-    onnx = _OnnxCache(root, settings.threads)
     bar = tqdm(total=total, disable=not progress, unit="run", dynamic_ncols=True, file=sys.stderr)
     try:
         for spec in specs:
             bar.set_postfix_str(spec.label)
-            rows += _bench_spec(spec, settings, impls, onnx, bar, get_entry, log)
+            rows += _bench_spec(spec, settings, impls, paths, root, bar, log)
     finally:
         bar.close()
         if tmp is not None:
@@ -454,50 +442,52 @@ def run_benchmark(
 
 
 def _base_row(spec: ModelSpec, settings: Settings, family: str, impl: str, size: int, batch: int,
-              backend: str) -> dict[str, Any]:
+              backend: str, dtype: str) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(RESULT_FIELDS)
     row.update(model=spec.name, label=spec.label, impl=impl, family=family, img_size=size, batch_size=batch,
-               backend=backend, dtype=settings.dtype, device=settings.device, fused=impl != "unfused",
-               channels_last=settings.channels_last, status="failed", error="", pareto=False)
+               backend=backend, dtype=dtype, device=settings.device, fused=impl != "unfused",
+               channels_last=settings.channels_last, status="failed", error="", pareto=False, best_path=False)
     return row
 
 
-def _bench_spec(spec, settings, impls, onnx, bar, get_entry, log) -> list[dict[str, Any]]:
+def _bench_spec(spec, settings, impls, paths, root, bar, log) -> list[dict[str, Any]]:
+    from ..registry import get_entry
+
     rows: list[dict[str, Any]] = []
     combos = [(s, b) for s in settings.img_sizes for b in settings.batch_sizes]
-    n_per_combo = len(settings.backends) * len(impls)
+    n_per_combo = len(paths) * len(impls)
     try:
         family = get_entry(spec.name).family
     except Exception as e:
-        family = ""
         err = f"unknown model: {_short(e)}"
         for s, b in combos:
-            for impl in impls:
-                rows += [dict(_base_row(spec, settings, family, impl, s, b, k), error=err) for k in settings.backends]
+            rows += [dict(_base_row(spec, settings, "", impl, s, b, k, d), error=err) for impl in impls
+                     for k, d in paths]
         bar.update(len(combos) * n_per_combo)
         return rows
-    models: dict[str, tuple[nn.Module | None, nn.Module | None, str]] = {}
+    models: dict[str, tuple[nn.Module | None, str]] = {}
     try:
         cpu_model = build_model(spec, fused=False)
         params = count_params(cpu_model)
     except Exception as e:
         log(f"{spec.label}: build failed: {_short(e)}")
         cpu_model, params = None, None
-        models["effivit"] = (None, None, f"build: {_short(e)}")
+        models["effivit"] = (None, f"build: {_short(e)}")
     if cpu_model is not None and "timm" in impls:
         try:
-            models["timm"] = _on_device(_timm_model(spec, cpu_model), settings)
+            models["timm"] = (_timm_model(spec, cpu_model), "")
         except Exception as e:
-            models["timm"] = (None, None, f"timm: {_short(e)}")
+            models["timm"] = (None, f"timm: {_short(e)}")
     if cpu_model is not None:
         try:
             from ..deploy import fuse
 
-            models["effivit"] = _on_device(fuse(cpu_model), settings)
+            models["effivit"] = (fuse(cpu_model), "")
         except Exception as e:
-            models["effivit"] = (None, None, f"fuse: {_short(e)}")
+            models["effivit"] = (None, f"fuse: {_short(e)}")
         if "unfused" in impls:
-            models["unfused"] = _on_device(cpu_model, settings)
+            models["unfused"] = (cpu_model, "")
+    contexts: dict[tuple[str, int], Context] = {}
     for size, batch in combos:
         top1, top1_size = (None, None)
         with contextlib.suppress(Exception):
@@ -505,81 +495,137 @@ def _bench_spec(spec, settings, impls, onnx, bar, get_entry, log) -> list[dict[s
         x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
         cands: list[_Candidate] = []
         macs: int | None = None
+        calib: Any = None
         for impl in impls:
-            model, mcpu, err = models.get(impl, (None, None, "not built"))
+            model, err = models.get(impl, (None, "not built"))
             if model is not None and impl != "timm":
                 try:
                     # Counted on the fused graph (what is timed); the unfused rows show the fused count too.
-                    macs = count_macs(model, x[:1].to(settings.device)) if macs is None else macs
+                    macs = count_macs(model, x[:1]) if macs is None else macs
                 except Exception as e:
                     err = f"forward at {size}x{size}: {_short(e)}"
                     model = None
-            for backend in settings.backends:
-                c = _Candidate(impl, backend, model, mcpu, error=err)
-                if model is not None:
-                    try:
-                        c.fn = prepare_backend(backend, model, mcpu, x, settings, onnx, (impl, spec.label, size))
-                    except Exception as e:
-                        c.error = f"{backend}: {_short(e)}"
+            for backend, dtype in paths:
+                c = _Candidate(impl, backend, dtype, model, error=err)
                 cands.append(c)
+                if model is None:
+                    continue
+                reason = get_backend(backend).unavailable(settings.device, dtype)
+                if reason:
+                    c.error, c.skipped = f"skipped: {reason}", True
+                    continue
+                ctx = contexts.get((impl, size))
+                if ctx is None:
+                    ctx = contexts[(impl, size)] = Context(
+                        device=settings.device, threads=settings.threads, channels_last=settings.channels_last,
+                        workdir=root, key=f"{impl}_{spec.label}_{size}")
+                if dtype == "int8" and ctx.calibration is None and settings.calibration is not None:
+                    try:
+                        calib = calib if calib is not None else calibration_batches(settings, spec, size)
+                        ctx.calibration = calib
+                    except Exception as e:
+                        c.error = f"calibration: {_short(e)}"
+                        continue
+                try:
+                    c.fn = prepare_backend(backend, dtype, model, x, ctx)
+                except BackendUnavailable as e:
+                    c.error, c.skipped = str(e), True
+                except Exception as e:
+                    c.error = f"{backend} {dtype}: {_short(e)}"
         _time_candidates(cands, settings)
-        ours = {c.backend: c.timing for c in cands if c.impl == "effivit" and c.timing is not None}
+        _logit_errors(cands, models, x)
+        refs = {c.impl: c.timing for c in cands if c.backend == "eager" and c.dtype == "fp32" and c.timing}
         for c in cands:
-            row = _base_row(spec, settings, family, c.impl, size, batch, c.backend)
+            row = _base_row(spec, settings, family, c.impl, size, batch, c.backend, c.dtype)
             row.update(params_m=None if params is None else params / 1e6, top1=top1, top1_img_size=top1_size,
                        gmacs=None if macs is None else macs / 1e9)
             if c.timing is None:
                 row["error"] = c.error or "not run"
-                log(f"{spec.label} [{c.impl}/{c.backend}] {size}px b{batch}: FAILED {row['error']}")
+                row["status"] = "skipped" if c.skipped else "failed"
+                if not c.skipped:
+                    log(f"{spec.label} [{c.impl}/{c.backend}/{c.dtype}] {size}px b{batch}: FAILED {row['error']}")
             else:
                 t = c.timing
                 row.update(status="ok", throughput_ips=t.throughput(batch), **t.summary())
                 row["n"] = len(t.samples_ms)
+                row.update(c.extra)
+                row["accuracy"], row["accuracy_held"] = accuracy_of(family, c.backend, c.dtype,
+                                                                    calibrated=settings.calibration is not None)
                 if macs is not None:
                     row["achieved_gflops"] = achieved_gflops(macs * batch, t.median_ms)
-                    if settings.gemm_gflops:
-                        row["pct_of_gemm"] = 100.0 * row["achieved_gflops"] / settings.gemm_gflops
-                row["peak_mem_mb"], row["mem_note"] = _memory(spec, c, x, size, batch, settings, onnx)
+                    rate = settings.gemm_rate(c.dtype)
+                    if rate:
+                        row["pct_of_gemm"] = 100.0 * row["achieved_gflops"] / rate
+                if c.impl in refs:
+                    row["speedup_vs_eager"] = paired_ratio(refs[c.impl], t)
+                row["peak_mem_mb"], row["mem_note"] = _memory(spec, c, size, batch, settings)
             rows.append(row)
             bar.update(1)
         # On our rows: how many times faster ours is than the other form (median of per-round ratios).
+        ours = {(c.backend, c.dtype): c.timing for c in cands if c.impl == "effivit" and c.timing is not None}
         for other, column in (("timm", "speedup_vs_timm"), ("unfused", "fuse_speedup")):
-            theirs = {c.backend: c.timing for c in cands if c.impl == other and c.timing is not None}
+            theirs = {(c.backend, c.dtype): c.timing for c in cands if c.impl == other and c.timing is not None}
             for row in rows[-len(cands):]:
-                b = row["backend"]
-                if row["impl"] == "effivit" and b in ours and b in theirs:
-                    row[column] = paired_ratio(theirs[b], ours[b])
+                k = (row["backend"], row["dtype"])
+                if row["impl"] == "effivit" and k in ours and k in theirs:
+                    row[column] = paired_ratio(theirs[k], ours[k])
     return rows
 
 
-def _on_device(cpu_model: nn.Module, settings: Settings) -> tuple[nn.Module, nn.Module, str]:
-    """(model on the device in the requested memory format, its CPU twin for export, no error)."""
-    if settings.channels_last:
-        cpu_model = cpu_model.to(memory_format=torch.channels_last)
-    model = cpu_model if settings.device == "cpu" else copy.deepcopy(cpu_model).to(settings.device)
-    return model, cpu_model, ""
+def _logit_errors(cands: list[_Candidate], models: dict, x: torch.Tensor) -> None:
+    """Each timed candidate's max |logit - fp32 eager logit| / max |fp32 eager logit| on the timed input."""
+    refs: dict[str, torch.Tensor] = {}
+    for c in cands:
+        if c.timing is None or not isinstance(c.fn, Prepared):
+            continue
+        try:
+            if c.impl not in refs:
+                with torch.inference_mode():
+                    refs[c.impl] = models[c.impl][0](x).float()
+            ref = refs[c.impl]
+            got = c.fn.run(x)
+            c.extra["logit_err"] = float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+        except Exception:
+            c.extra["logit_err"] = None
 
 
-def _memory(spec, c: _Candidate, x, size, batch, settings: Settings, onnx: _OnnxCache) -> tuple[float | None, str]:
+def accuracy_of(family: str, backend: str, dtype: str, calibrated: bool = True) -> tuple[str, bool | None]:
+    """(what is known about this path's accuracy, whether it is held) from the digits study's table
+    (``effivit/data/precision_accuracy.csv``, written by ``benchmarks/deploy_accuracy.py``)."""
+    if dtype == "fp32":
+        return "reference (fp32)", True
+    if dtype == "int8" and not calibrated:
+        return "unknown (synthetic calibration)", None
+    from ..deploy.precision import accuracy_record
+
+    rec = accuracy_record(family, backend, dtype)
+    if rec is None:
+        return "unknown (not in the digits study)", None
+    drop = rec["drop_pts"]
+    return (f"{'held' if rec['held'] else 'lost'} (digits study: {drop:+.2f} pts top-1)", bool(rec["held"]))
+
+
+def _memory(spec, c: _Candidate, size, batch, settings: Settings) -> tuple[float | None, str]:
     if not settings.memory:
         return None, "not measured (--no-memory)"
     if c.backend == "compile":
         return None, "not measured for compile (see eager)"
     try:
         if settings.device == "cuda":
-            if c.backend == "onnxruntime":
-                return None, "not measured for onnxruntime on CUDA"
+            if c.backend != "eager":
+                return None, f"not measured for {c.backend} on CUDA"
             from .memory import measure_cuda_peak
 
             return measure_cuda_peak(c.fn), "torch.cuda.max_memory_allocated"
         if c.impl != "effivit":
-            return None, "not measured for timm"
+            return None, f"not measured for {c.impl}"
         from .memory import measure_cpu_peak
 
+        artifact = getattr(c.fn, "artifact", None)
         job = {"spec": spec.label, "img_size": size, "batch_size": batch, "backend": c.backend,
-               "dtype": settings.dtype, "channels_last": settings.channels_last, "fused": c.impl != "unfused",
+               "dtype": c.dtype, "channels_last": settings.channels_last, "fused": c.impl != "unfused",
                "threads": settings.threads or torch.get_num_threads(),
-               "onnx_path": str(onnx.paths.get((c.impl, spec.label, size), ""))}
+               "artifact": str(artifact) if artifact else ""}
         return measure_cpu_peak(job)
     except Exception as e:
         return None, f"memory: {_short(e)}"
@@ -589,17 +635,31 @@ def _memory(spec, c: _Candidate, x, size, batch, settings: Settings, onnx: _Onnx
 
 
 def mark_pareto(rows: list[dict[str, Any]]) -> None:
-    """Set ``pareto`` on each row: on the top-1/latency front among our fused models of the same setting
-    (the unfused and timm rows are references, not candidates)."""
+    """Mark the answer rows among our fused models at the same size, batch and device:
+
+    * ``pareto``: on the top-1/latency front over every (model, runtime, precision) whose accuracy is held
+      (fp32, or a lower precision the digits study found held); the unfused and timm rows are references.
+    * ``best_path``: the fastest held (runtime, precision) of each model (what to deploy it with here).
+    """
     groups: dict[tuple, list[dict[str, Any]]] = {}
+    per_model: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         r["pareto"] = False
-        if r.get("status") == "ok" and r.get("impl", "effivit") == "effivit":
-            key = (r["img_size"], r["batch_size"], r["backend"], r["dtype"], r["device"], r.get("impl", "effivit"))
+        r["best_path"] = False
+        if r.get("status") == "ok" and r.get("impl", "effivit") == "effivit" and _held(r):
+            key = (r["img_size"], r["batch_size"], r["device"])
             groups.setdefault(key, []).append(r)
+            per_model.setdefault((r["label"],) + key, []).append(r)
     for grp in groups.values():
         for r, on in zip(grp, pareto_front([r.get("median_ms") for r in grp], [r.get("top1") for r in grp])):
             r["pareto"] = on
+    for grp in per_model.values():
+        min(grp, key=lambda r: r["median_ms"])["best_path"] = True
+
+
+def _held(row: dict[str, Any]) -> bool:
+    held = row.get("accuracy_held")
+    return row.get("dtype", "fp32") == "fp32" if held is None else bool(held)
 
 
 def with_settings(settings: Settings, **changes: Any) -> Settings:

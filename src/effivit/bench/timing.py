@@ -304,3 +304,74 @@ def gemm_rate(n: int = 1024, rounds: int = 3, iters_per_round: int = 5, warmup: 
 
     return GemmRate(n=n, torch_gflops=rate("torch"),
                     ort_gflops=rate("onnxruntime") if "onnxruntime" in t else None, threads=threads)
+
+
+def _ort_int8_matmul_session(n: int, threads: int | None):
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = torch.Generator().manual_seed(0)
+    b = torch.randint(-127, 128, (n, n), generator=rng, dtype=torch.int8).numpy()
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["A", "B"], ["C"])],
+        "gemm_int8",
+        [helper.make_tensor_value_info("A", TensorProto.UINT8, [n, n])],
+        [helper.make_tensor_value_info("C", TensorProto.INT32, [n, n])],
+        initializer=[numpy_helper.from_array(b, "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 9)
+    onnx.checker.check_model(model)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def gemm_rates(dtypes: Sequence[str] = ("fp32", "bf16", "int8"), n: int = 1024, rounds: int = 3,
+               iters_per_round: int = 5, warmup: int = 3, threads: int | None = None) -> dict[str, dict[str, Any]]:
+    """This CPU's GEMM rate per precision, measured now in one paired call: the ceiling each precision's
+    achieved rate (2 x MACs / latency, GFLOP/s or GOP/s) is compared with.
+
+    fp32: the better of torch (``torch.mm``) and ONNX Runtime (``MatMul``); bf16: ``torch.mm`` on bf16
+    (oneDNN's AVX-512-bf16/AMX kernels where the CPU has them); int8: ONNX Runtime's ``MatMulInteger``
+    (u8 x s8 -> s32, VNNI where the CPU has it). A precision whose library is missing is left out.
+    """
+    threads = threads or torch.get_num_threads()
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen)
+    b = torch.randn(n, n, generator=gen)
+    fns: dict[str, Callable[[], Any]] = {}
+    if "fp32" in dtypes:
+        fns["fp32/torch"] = lambda: torch.mm(a, b)
+        try:
+            sess = _ort_matmul_session(n, threads)
+            feed = {"A": a.numpy()}
+            fns["fp32/onnxruntime"] = lambda: sess.run(None, feed)
+        except ImportError:
+            pass
+    if "bf16" in dtypes:
+        ab, bb = a.bfloat16(), b.bfloat16()
+        fns["bf16/torch"] = lambda: torch.mm(ab, bb)
+    if "fp16" in dtypes and torch.cuda.is_available() is False:
+        pass  # no fp16 GEMM worth a ceiling on CPU
+    if "int8" in dtypes:
+        try:
+            sess8 = _ort_int8_matmul_session(n, threads)
+            feed8 = {"A": torch.randint(0, 256, (n, n), generator=gen, dtype=torch.uint8).numpy()}
+            fns["int8/onnxruntime"] = lambda: sess8.run(None, feed8)
+        except ImportError:
+            pass
+    if not fns:
+        return {}
+    t = paired(fns, rounds=rounds, iters_per_round=iters_per_round, warmup=warmup)
+    flops = 2.0 * n ** 3
+    out: dict[str, dict[str, Any]] = {}
+    for key, timing in t.items():
+        dtype, lib = key.split("/")
+        rate = flops / (min(timing.round_medians) * 1e-3) / 1e9
+        if dtype not in out or rate > out[dtype]["rate"]:
+            out[dtype] = {"rate": rate, "library": lib, "n": n, "threads": threads}
+    return out

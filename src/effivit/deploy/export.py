@@ -57,12 +57,15 @@ def export_onnx(
     verify: bool = True,
     atol: float = 1e-4,
     rtol: float = 1e-4,
+    example: torch.Tensor | None = None,
 ) -> Path:
     """Export ``model`` (eval mode, usually fused first) to ONNX at ``img_size``, check the graph with
     onnx and verify ONNX Runtime's outputs against PyTorch's (at batch 1 and, with a dynamic batch, 3).
 
     exporter: ``"dynamo"`` (torch.export based) or ``"torchscript"`` (the tracing exporter); if the
     dynamo exporter fails the tracing exporter is tried with a warning.
+    example: an input of the exported shape (its first dim is the batch) for models that do not take
+    images (a block, a layer); ``img_size`` is then ignored.
     """
     if exporter not in ("dynamo", "torchscript"):
         raise ValueError(f"exporter={exporter!r} is not supported; allowed: 'dynamo', 'torchscript'")
@@ -72,9 +75,9 @@ def export_onnx(
         raise ExportError("ONNX export needs the onnx package: pip install 'effivit[onnx]'") from e
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    h, w = _img_hw(img_size)
+    shape = _input_shape(model, img_size, example)
     model = model.eval()
-    x = torch.randn(2 if dynamic_batch else 1, _in_chans(model), h, w)
+    x = torch.randn(2 if dynamic_batch else 1, *shape)
     big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1_800_000_000
 
     def _dynamo() -> None:
@@ -111,8 +114,17 @@ def export_onnx(
     except Exception as e:
         raise ExportError(f"the exported graph at {path} fails onnx's checker: {e}") from e
     if verify:
-        verify_onnx(model, path, (h, w), batch_sizes=(1, 3) if dynamic_batch else (1,), atol=atol, rtol=rtol)
+        verify_onnx(model, path, shape, batch_sizes=(1, 3) if dynamic_batch else (1,), atol=atol, rtol=rtol)
     return path
+
+
+def _input_shape(model: nn.Module, img_size: int | Sequence[int], example: torch.Tensor | None) -> tuple[int, ...]:
+    """The input shape without the batch dim: ``example``'s, else (in_chans, H, W)."""
+    if example is not None:
+        if example.dim() < 2:
+            raise ValueError(f"example must have a batch dim and at least one more, got shape {tuple(example.shape)}")
+        return tuple(example.shape[1:])
+    return (_in_chans(model), *_img_hw(img_size))
 
 
 def onnx_session(path: str | os.PathLike, threads: int | None = None):
@@ -131,17 +143,21 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None):
 def verify_onnx(
     model: nn.Module,
     path: str | os.PathLike,
-    img_size: tuple[int, int],
+    img_size: Sequence[int],
     batch_sizes: Sequence[int] = (1,),
     atol: float = 1e-4,
     rtol: float = 1e-4,
 ) -> float:
-    """Max abs difference between ONNX Runtime and PyTorch on random inputs; raises if out of tolerance."""
+    """Max abs difference between ONNX Runtime and PyTorch on random inputs; raises if out of tolerance.
+
+    img_size: (H, W) of an image model, or the whole input shape without the batch dim.
+    """
     sess = onnx_session(path)
     name = sess.get_inputs()[0].name
+    shape = tuple(img_size) if len(img_size) != 2 else (_in_chans(model), *img_size)
     worst = 0.0
     for b in batch_sizes:
-        x = torch.randn(b, _in_chans(model), *img_size)
+        x = torch.randn(b, *shape)
         with torch.no_grad():
             ref = model(x)
         got = torch.from_numpy(sess.run(None, {name: x.numpy()})[0])
