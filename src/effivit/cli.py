@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.command import add_parsers as add_train
 
     add_train(sub)
+    from .search.command import add_parser as add_search
+
+    add_search(sub)
     return parser
 
 
