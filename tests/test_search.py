@@ -117,6 +117,19 @@ def test_table_resumes_and_onnxruntime_entries(tmp_path):
     assert set(more.entries) == set(keys) and all(more.entries[k] == first[k] for k in keys[:2])
 
 
+def test_runtimes_come_from_the_bench_backends(tmp_path):
+    with pytest.raises(ValueError, match="eager at int8 cannot run here"):
+        MeasureSettings(runtime="eager", precision="int8")
+    with pytest.raises(ValueError, match="unknown backend 'coreml'"):
+        MeasureSettings(runtime="coreml")
+    with pytest.raises(ValueError, match="clock='cpu' .* needs threads=1"):
+        MeasureSettings(clock="cpu", threads=2)
+    pytest.importorskip("openvino")
+    ov = replace(FAST, runtime="openvino")
+    t = build_table(TINY, ov, 10, tmp_path / "ov.json", keys=["mb3d/32@1"])
+    assert t.entries["mb3d/32@1"]["ms"] > 0 and t.settings.runtime == "openvino"
+
+
 def test_smallest_latency_is_one_block_per_stage_at_min_width(table):
     ms, arch = smallest_latency(table, mb3d_stages=())
     assert arch.widths == (16, 16, 16, 16) and arch.depths == (1, 1, 1, 1)

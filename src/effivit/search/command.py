@@ -226,7 +226,7 @@ def _slim_and_report(args, space, table, supernet, data, out: Path, device) -> N
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from .measure import PRECISIONS, RUNTIMES
+    from .measure import CLOCKS, precisions, runtimes
     from .space import SPACES
 
     p = sub.add_parser(
@@ -247,10 +247,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="--predict: show every op's share")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     m = p.add_argument_group("latency (the table)")
-    m.add_argument("--runtime", choices=RUNTIMES, default="eager")
-    m.add_argument("--precision", choices=sorted({x for v in PRECISIONS.values() for x in v}), default="fp32")
+    m.add_argument("--runtime", choices=runtimes(), default="eager",
+                   help="runtime the latency is for (effivit.bench.backends; default eager)")
+    m.add_argument("--precision", choices=precisions(), default="fp32",
+                   help="precision the latency is for (int8: calibrated on synthetic images; default fp32)")
     m.add_argument("--threads", type=int, default=None, help="threads (default: torch's)")
-    m.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+    m.add_argument("--clock", choices=CLOCKS, default="wall",
                    help="wall clock, or this thread's CPU time (one thread; on a machine shared with other jobs)")
     m.add_argument("--table", default=None, metavar="PATH", help="latency table file (default OUT/latency_table.json)")
     m.add_argument("--rebuild-table", action="store_true", help="measure the table again")

@@ -20,8 +20,10 @@ head3d/C@R  LayerNorm, pool, Linear     (B, R, R, C) tokens
 Every op is measured in its deploy form (``effivit.deploy.fuse``; channels_last maps in eager, as the
 fused model runs) with random weights. An isolated call pays the runtime's per-call overhead (Python
 dispatch, ``session.run``, input copies) which a whole network pays once: the table also measures
-that overhead (:class:`~effivit.search.measure.NullOp`), and a prediction is
-``overhead + sum(entry - overhead)``.
+that overhead (:class:`~effivit.search.measure.NullOp`). And a module timed alone, call after call, runs
+with its code and data hot, which it does not inside a network: after the entries the table measures a
+few random networks of the space whole and stores the median ratio of network to op sum (``scale``).
+A prediction is ``overhead + scale * sum(entry - overhead)``.
 
 The table is a versioned JSON file recording the machine, the runtime, precision, threads, batch size,
 the space and the number of classes; it is written after every group of entries, so an interrupted build

@@ -1,19 +1,24 @@
 """Latency of modules in one runtime and precision: the one place the search measures anything.
 
 Everything the search times (latency-table entries, whole networks for ``--predict`` and the report) goes
-through :func:`prepare` and :func:`time_prepared`, on top of :func:`effivit.bench.timing.paired`:
-modules are timed in alternating rounds in one process, so drift on a shared machine hits them alike.
+through :func:`prepare` and :func:`time_prepared`. Runtimes are :mod:`effivit.bench.backends` (one class
+per runtime: ``eager``, ``onnxruntime``, ``openvino``, ``compile``, ...; precisions ``fp32``, ``bf16``,
+``fp16``, ``int8`` where the backend offers them), so the search measures in exactly the form ``effivit
+bench`` does. For the ONNX-reading runtimes the module is exported with the tracing exporter (a fraction of
+a second per block, against several seconds for torch.export with verification; the table has hundreds
+of blocks), and the same exporter serves whole networks, so blocks and networks are the same graphs.
 
-Runtimes: ``eager`` (PyTorch, fp32 or bf16 autocast, as ``effivit bench`` runs it) and ``onnxruntime``
-(fp32; each module exported with the tracing exporter, one CPU session with all graph optimisations).
-When ``effivit.bench.backends`` (one class per runtime: OpenVINO, int8, ...) lands, :func:`prepare`
-switches to it and the search gets those runtimes without other changes.
+Timing is :func:`effivit.bench.timing.paired` (alternating rounds in one process, so drift on a shared
+machine hits every module alike); a sample is a burst of consecutive calls lasting ``sample_ms`` (see
+:func:`time_prepared` for why), read on the wall clock or, with ``clock="cpu"``, on this thread's CPU-time
+clock. Measurements run on the CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import math
 import os
 import statistics
@@ -30,8 +35,21 @@ from torch import nn
 
 from ..bench.timing import Timing, paired
 
-PRECISIONS: dict[str, tuple[str, ...]] = {"eager": ("fp32", "bf16"), "onnxruntime": ("fp32",)}
-RUNTIMES = tuple(PRECISIONS)
+CLOCKS = ("wall", "cpu")
+_keys = itertools.count()
+
+
+def runtimes() -> list[str]:
+    """Every runtime ``effivit.bench.backends`` registers (installed or not)."""
+    from ..bench.backends import list_backends
+
+    return list_backends()
+
+
+def precisions() -> tuple[str, ...]:
+    from ..bench.backends import DTYPES
+
+    return DTYPES
 
 
 @dataclass(frozen=True)
@@ -54,16 +72,16 @@ class MeasureSettings:
                 f"{self.clock} clock")
 
     def __post_init__(self) -> None:
-        if self.runtime not in PRECISIONS:
-            raise ValueError(f"runtime {self.runtime!r} is not supported; allowed: {list(RUNTIMES)} "
-                             f"(OpenVINO and int8 arrive with effivit.bench.backends)")
-        if self.precision not in PRECISIONS[self.runtime]:
-            raise ValueError(f"precision {self.precision!r} is not supported by {self.runtime}; allowed: "
-                             f"{list(PRECISIONS[self.runtime])}")
+        from ..bench.backends import get_backend
+
+        backend = get_backend(self.runtime)  # a clear error for unknown names
+        reason = backend.unavailable("cpu", self.precision)
+        if reason:
+            raise ValueError(f"runtime {self.runtime} at {self.precision} cannot run here: {reason}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
-        if self.clock not in ("wall", "cpu"):
-            raise ValueError(f"clock {self.clock!r} is not supported; allowed: 'wall', 'cpu'")
+        if self.clock not in CLOCKS:
+            raise ValueError(f"clock {self.clock!r} is not supported; allowed: {list(CLOCKS)}")
         if self.clock == "cpu" and self.resolved_threads != 1:
             raise ValueError("clock='cpu' measures one thread's CPU time: it needs threads=1 "
                              f"(got {self.resolved_threads})")
@@ -91,44 +109,32 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def _onnx_file(module: nn.Module, example: torch.Tensor, path: Path) -> Path:
-    # The tracing exporter: a second per module (torch.export takes ten), and the graphs it writes for
-    # these blocks are what ONNX Runtime runs for the whole network too.
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    # The tracing exporter: a fraction of a second per block; the same for blocks and whole networks.
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), str(path), dynamo=False, input_names=["input"],
-                          output_names=["output"], opset_version=17, do_constant_folding=True)
+        torch.onnx.export(module, (example[:1],), str(path), dynamo=False, input_names=["input"],
+                          output_names=["output"], opset_version=17, do_constant_folding=True,
+                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
     return path
 
 
 def prepare(module: nn.Module, example: torch.Tensor, settings: MeasureSettings,
             workdir: str | os.PathLike | None = None) -> Callable[[], Any]:
-    """A ready-to-time call of ``module(example)`` (eval mode, already in its deploy form) in the runtime."""
+    """A ready-to-time call of ``module(example)`` (eval mode, already in its deploy form) in the settings'
+    runtime and precision, through :func:`effivit.bench.backends.prepare`."""
+    from ..bench.backends import BackendUnavailable, Context
+    from ..bench.backends import prepare as backend_prepare
+
     module = module.eval()
-    if settings.runtime == "eager":
-        cast = (torch.autocast("cpu", dtype=torch.bfloat16) if settings.precision == "bf16"
-                else contextlib.nullcontext())
-
-        def run() -> Any:
-            with torch.inference_mode(), cast:
-                return module(example)
-
-        return run
-    if settings.runtime == "onnxruntime":
-        from ..deploy.export import onnx_session
-
-        folder = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="effivit-search-"))
-        fd, name = tempfile.mkstemp(suffix=".onnx", dir=folder)
-        os.close(fd)
-        with torch.no_grad():
-            path = _onnx_file(module, example, Path(name))
-        sess = onnx_session(path, threads=settings.resolved_threads)
-        os.unlink(path)  # the session holds the graph
-        feed = {sess.get_inputs()[0].name: example.detach().contiguous().numpy()}
-        return lambda: sess.run(None, feed)
-    raise ValueError(f"runtime {settings.runtime!r} is not supported; allowed: {list(RUNTIMES)}")
-
-
-CLOCKS = ("wall", "cpu")
+    ctx = Context(threads=settings.resolved_threads, workdir=Path(workdir) if workdir is not None else None,
+                  key=f"op{next(_keys)}")
+    # ONNX-reading backends share the context's fp32 export: give them the tracing export (see above).
+    ctx.cached("onnx:fp32", lambda: _onnx_file(module, example, ctx.path(".fp32.onnx")))
+    try:
+        with torch_threads(settings.resolved_threads):
+            return backend_prepare(settings.runtime, module, example, settings.precision, ctx, fuse=False)
+    except BackendUnavailable as e:
+        raise ValueError(str(e)) from None
 
 
 def time_prepared(fns: Mapping[str, Callable[[], Any]], settings: MeasureSettings) -> dict[str, Timing]:
@@ -160,12 +166,26 @@ def time_prepared(fns: Mapping[str, Callable[[], Any]], settings: MeasureSetting
             samples[name] = []
             bursts[name] = _burst(fn, n, clock, samples[name])
         paired(bursts, rounds=settings.rounds, iters_per_round=settings.iters, warmup=1)
+    if settings.clock == "cpu":
+        _check_cpu_clock(fns, settings)
     out = {}
     for name, got in samples.items():
         got = got[1:]  # the first burst was paired's warm-up
         per_round = [statistics.median(got[r * settings.iters:(r + 1) * settings.iters]) for r in range(settings.rounds)]
         out[name] = Timing(tuple(got), tuple(per_round))
     return out
+
+
+def _check_cpu_clock(fns: Mapping[str, Callable[[], Any]], settings: MeasureSettings) -> None:
+    """The CPU clock sees only work done on the calling thread: refuse a runtime that computes elsewhere."""
+    fn = next(iter(fns.values()))
+    c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
+    for _ in range(3):
+        fn()
+    cpu, wall = time.thread_time_ns() - c0, time.perf_counter_ns() - w0
+    if wall > 1e6 and cpu < 0.02 * wall:
+        raise ValueError(f"{settings.runtime} computes outside the calling thread here (CPU time {cpu / 1e6:.2f} ms "
+                         f"of {wall / 1e6:.2f} ms): use clock='wall' (--clock wall)")
 
 
 def _burst(fn: Callable[[], Any], n: int, clock: Callable[[], int], record: list[float]) -> Callable[[], None]:

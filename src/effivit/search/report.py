@@ -31,7 +31,7 @@ def plot_slimming(rows: Sequence[dict[str, Any]], path: str | Path, budget_ms: f
     ax.axvline(budget_ms, color="tab:red", ls="--", lw=1, label=f"budget {budget_ms:g} ms")
     ax.set_xlabel("predicted latency (ms)")
     ax.set_ylabel("held-out top-1 (%)")
-    ax.invert_xaxis()  # slimming runs from right to left in time... shown left to right
+    ax.invert_xaxis()  # slimming goes from the slowest network to the fastest: read it left to right
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
     ax.set_title(title or "latency-driven slimming (d: drop block, 4: MB3D->MB4D, n: narrow stage)", fontsize=8)
