@@ -39,35 +39,54 @@ def _cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     from . import create_model
-    from .deploy import export_onnx, export_torchscript, fuse
+    from .deploy import fuse
+    from .deploy.export import export
 
+    if args.unfused and args.precision != "fp32":
+        raise ValueError("--unfused exports the training form in fp32 only")
     torch.manual_seed(0)
     kwargs = {"attn": args.attn} if args.attn else {}
+    for item in args.model_arg or ():
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--model-arg {item!r} must be KEY=VALUE")
+        from .bench.runner import _parse_value
+
+        kwargs[key] = _parse_value(value)
     model = create_model(args.model, pretrained=args.checkpoint or False, **kwargs).eval()
     if not args.unfused:
         model = fuse(model)
-    size = args.img_size
-    if args.format == "onnx":
-        path = export_onnx(model, args.output, img_size=size, dynamic_batch=not args.static_batch,
-                           opset=args.opset, exporter=args.exporter)
-    else:
-        path = export_torchscript(model, args.output, img_size=size)
-    print(f"wrote {path} ({'unfused' if args.unfused else 'fused'}, {args.format}, verified against PyTorch)")
+    onnx_kwargs = {"opset": args.opset, "exporter": args.exporter} if args.target == "onnx" else {}
+    result = export(model, args.output, target=args.target, precision=args.precision, img_size=args.img_size,
+                    calibration=args.calibration, dynamic_batch=not args.static_batch, **onnx_kwargs)
+    print(result.summary() + ("" if not args.unfused else " (unfused training form)"))
     return 0
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
+    from .deploy.export import TARGETS
+
     p = sub.add_parser(
-        "export", help="export a model to ONNX or TorchScript (fused, verified)",
-        description="Export a model (fused by default) and verify the export against PyTorch.",
+        "export", help="export a model to ONNX, OpenVINO or TorchScript at fp32/bf16/fp16/int8 (fused, verified)",
+        description="Export a model (fused by default) at a precision and verify the artifact against the fused "
+                    "PyTorch fp32 model (tolerance declared per precision). Offered: "
+                    + "; ".join(f"{t}: {', '.join(p)}" for t, p in TARGETS.items()) + ".",
     )
     p.add_argument("model", help="model name, e.g. nextvit_small")
-    p.add_argument("output", help="output file (.onnx or .pt)")
-    p.add_argument("--format", choices=("onnx", "torchscript"), default="onnx")
+    p.add_argument("output", help="output file (.onnx, .xml for OpenVINO IR, or .pt)")
+    p.add_argument("--target", "--format", dest="target", choices=sorted(TARGETS), default="onnx",
+                   help="artifact kind (default onnx; --format is the old name)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16", "int8"), default="fp32",
+                   help="fp32 (default); bf16/fp16: half-precision weights (torchscript) or inference precision "
+                        "(openvino); int8: static post-training quantization (onnx: ONNX Runtime QDQ, openvino: NNCF)")
+    p.add_argument("--calibration", default=None, metavar="DIR",
+                   help="images for int8 calibration and for the check (default: synthetic inputs, accuracy unknown)")
     p.add_argument("--img-size", type=int, nargs="+", default=[224], metavar="N",
                    help="input size: one value (square) or H W")
     p.add_argument("--checkpoint", default=None, help="weights: path, hf-hub:org/name, or omit for random")
     p.add_argument("--attn", default=None, help="Next-ViT attention kind (original, bchw, xca)")
+    p.add_argument("--model-arg", action="append", default=None, metavar="KEY=VALUE",
+                   help="constructor argument (repeatable), e.g. num_classes=10")
     p.add_argument("--unfused", action="store_true", help="export the training form (no BN folding)")
     p.add_argument("--static-batch", action="store_true", help="fix the batch dimension to 1 (ONNX)")
     p.add_argument("--opset", type=int, default=18)
