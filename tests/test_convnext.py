@@ -9,10 +9,10 @@ from conftest import assert_close, scale_classifier
 from torch import nn
 
 import effivit
-from effivit.deploy import fuse
+from effivit.deploy import fuse, optimize
+from effivit.deploy.cpu import PointwiseConv
 from effivit.layers.classifier import NormMlpClassifierHead
 from effivit.layers.norm import GlobalResponseNorm
-from effivit.layers.pointwise import PointwiseConv
 from effivit.models.convnext import ConvNeXtBlock, FusedConvNeXtBlock
 from effivit.registry import get_entry
 
@@ -109,7 +109,10 @@ def test_fused_form(name):
     blocks = [m for m in fused.modules() if isinstance(m, (ConvNeXtBlock, FusedConvNeXtBlock))]
     assert blocks and all(isinstance(b, FusedConvNeXtBlock) for b in blocks)
     for b in blocks:
-        assert isinstance(b.fc1, PointwiseConv) and isinstance(b.fc2, PointwiseConv)
+        assert type(b.fc1) is nn.Conv2d and type(b.fc2) is nn.Conv2d  # plain maths; CPU kernels: optimize
+    cpu = [m for m in optimize(fused, "cpu").modules() if isinstance(m, FusedConvNeXtBlock)]
+    assert all(isinstance(b.fc1, PointwiseConv) and isinstance(b.fc2, PointwiseConv) for b in cpu)
+    for b in blocks:
         if isinstance(b.grn, GlobalResponseNorm):
             assert b.grn.bias is None and not b.grn.channels_last
     # Layer scale and GRN bias were folded: no parameter of those names is left.

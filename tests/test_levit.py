@@ -114,45 +114,53 @@ def test_pretrained_cfg():
     assert cfg["classifier"] == ("head.linear", "head_dist.linear")
 
 
-def test_fused_inference_linears_match_timm_on_both_paths(monkeypatch):
-    """The fused linear form runs its Linears on oneDNN in eager no-grad fp32 CPU inference and on
-    ``F.linear`` elsewhere: both paths must give timm's logits, and the fast one must really run."""
+def test_cpu_pass_onednn_linears_match_timm_on_both_paths(monkeypatch):
+    """The fused linear form is plain nn.Linear; deploy.optimize(model, "cpu") runs its Linears on oneDNN in
+    eager no-grad fp32 CPU inference and on ``F.linear`` elsewhere: both paths must give timm's logits, and
+    the fast one must really run."""
     from effivit import deploy
-    from effivit.models import levit
+    from effivit.deploy.cpu import OneDnnLinear
 
     ours, ref = timm_pair("levit_128s")
-    fused = deploy.fuse(ours)
-    linears = [m for m in fused.modules() if isinstance(m, levit.InferenceLinear)]
+    plain = deploy.fuse(ours)
+    assert not any(isinstance(m, OneDnnLinear) for m in plain.modules())
+    fused = deploy.optimize(plain, "cpu")
+    linears = [m for m in fused.modules() if isinstance(m, OneDnnLinear)]
     # qkv + proj per block, kv + q + proj per downsample, two per MLP, the merged head.
     assert len(linears) == 2 * 9 + 3 * 2 + 2 * 11 + 1
     assert sum(m.hardswish for m in linears) == 11  # every MLP's first Linear carries its activation
+    onednn = linears[0]._onednn_ok
     x = torch.randn(2, 3, 224, 224)
     with torch.inference_mode():
         expected = ref(x)
     calls = []
-    onednn_forward = levit.InferenceLinear._onednn_forward
-    monkeypatch.setattr(levit.InferenceLinear, "_onednn_forward",
-                        lambda self, t: calls.append(1) or onednn_forward(self, t))
+    onednn_forward = OneDnnLinear._onednn_forward
+    monkeypatch.setattr(OneDnnLinear, "_onednn_forward", lambda self, t: calls.append(1) or onednn_forward(self, t))
     with torch.inference_mode():
         fast = fused(x)
-    assert len(calls) == (len(linears) if levit._ONEDNN_LINEAR else 0)
-    assert_close(fast, expected, 1e-4, "fused (oneDNN path) vs timm")
+    assert len(calls) == (len(linears) if onednn else 0)
+    assert_close(fast, expected, 1e-4, "optimized (oneDNN path) vs timm")
     calls.clear()
+
+    def set_onednn(ok: bool) -> None:
+        for m in linears:
+            m._onednn_ok = ok
+
     with torch.no_grad(), torch.autocast("cpu", enabled=False):
-        monkeypatch.setattr(levit, "_ONEDNN_LINEAR", False)
+        set_onednn(False)
         portable = fused(x)
     assert not calls
-    assert_close(portable, expected, 1e-4, "fused (F.linear path) vs timm")
-    monkeypatch.setattr(levit, "_ONEDNN_LINEAR", True)
+    assert_close(portable, expected, 1e-4, "optimized (F.linear path) vs timm")
+    set_onednn(onednn)
     # The packed-weight cache follows in-place updates and survives deepcopy (packed tensors cannot be copied).
     with torch.no_grad():
         for m in (linears[0], linears[-1]):  # a first-stage qkv and the head
             m.weight.mul_(1.1)
         updated = fused(x)
         assert_close(copy.deepcopy(fused)(x), updated, 0.0, "deepcopy of a fused model that has run")
-        monkeypatch.setattr(levit, "_ONEDNN_LINEAR", False)
+        set_onednn(False)
         updated_portable = fused(x)
-        monkeypatch.setattr(levit, "_ONEDNN_LINEAR", True)
+        set_onednn(onednn)
     assert (updated - fast).abs().max() > 1e-2
     assert_close(updated, updated_portable, 1e-4, "oneDNN path after an in-place weight update")
     calls.clear()

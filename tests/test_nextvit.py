@@ -13,12 +13,12 @@ from torch import nn
 
 import effivit
 from effivit import deploy
+from effivit.deploy.cpu import PointwiseConv
 from effivit.layers.xca import cross_covariance_attention, mix_channels
 from effivit.models.nextvit import (
     ATTN_KINDS,
     BCHWEfficientAttention,
     EfficientAttention,
-    PointwiseConv,
     WindowMean,
     XCAttention,
     _raster_pool,
@@ -270,7 +270,7 @@ def test_pointwise_conv_runs_bf16_channels_last_as_linear():
         got = pw.bfloat16()(xb)
         assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=CL)
         assert_close(got.double(), ref.to(torch.float64), 0.05, "bf16 channels_last (the linear path)")
-    fused = deploy.fuse(effivit.create_model("nextvit_small").eval())
+    fused = deploy.optimize(deploy.fuse(effivit.create_model("nextvit_small").eval()), "cpu")
     plain = [n for n, m in fused.named_modules() if type(m) is nn.Conv2d and m.kernel_size == (1, 1)
              and m.stride == (1, 1) and m.groups == 1]
     assert not plain, f"1x1 convs not swapped for PointwiseConv: {plain[:3]}"

@@ -9,8 +9,8 @@ from conftest import assert_close, compare_with_timm, randomize_norm_stats, scal
 from torch import nn
 
 import effivit
-from effivit.deploy import count_batchnorms, fuse
-from effivit.layers.pointwise import PointwiseConv
+from effivit.deploy import count_batchnorms, fuse, optimize
+from effivit.deploy.cpu import PointwiseConv
 from effivit.layers.se import SqueezeExcite
 from effivit.models.repvit import DistilledClassifier, RepVggDw
 from effivit.registry import get_entry
@@ -64,6 +64,8 @@ def test_fuse_leaves_no_batchnorm_and_no_branches():
     for block in fused.stages[1].blocks:
         mixer = block.token_mixer
         assert type(mixer) is nn.Conv2d and mixer.groups == mixer.in_channels and mixer.kernel_size == (3, 3)
+        assert type(block.channel_mixer.conv1) is nn.Conv2d  # plain maths; the CPU kernel is a deploy pass
+    for block in optimize(fused, "cpu").stages[1].blocks:
         assert isinstance(block.channel_mixer.conv1, PointwiseConv)
     assert isinstance(fused.head, nn.Linear)  # both heads, BN folded, averaged into one Linear
 

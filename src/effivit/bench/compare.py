@@ -83,6 +83,10 @@ def _export(model: nn.Module, path: Path, size: int, threads: int | None):
 
 
 def _forward(model: nn.Module, sess: Any, rt: Runtime, x: torch.Tensor) -> Callable[[], Any]:
+    if getattr(model, "is_fused", False) and rt.backend != "onnxruntime":
+        from ..deploy import optimize
+
+        model = optimize(model, "cpu")  # ours as effivit runs it on a CPU (timm's model has no such pass)
     if rt.backend == "onnxruntime":
         feed = {sess.get_inputs()[0].name: x.numpy()}
         return lambda: sess.run(None, feed)

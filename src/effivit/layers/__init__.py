@@ -6,7 +6,6 @@ from .drop import DropPath, drop_path
 from .helpers import make_divisible
 from .mlp import ConvMlp, Mlp
 from .norm import GlobalResponseNorm, LayerNorm2d
-from .pointwise import PointwiseConv
 from .scale import LayerScale, LayerScale2d
 from .se import SqueezeExcite
 
@@ -21,7 +20,6 @@ __all__ = [
     "LayerScale2d",
     "Mlp",
     "NormMlpClassifierHead",
-    "PointwiseConv",
     "SqueezeExcite",
     "drop_path",
     "make_divisible",

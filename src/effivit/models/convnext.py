@@ -18,7 +18,7 @@ Parameter names follow timm's checkpoints, which carry the official weights. How
 * GRN computes ``x * (1 + w N(x)) + b`` with the norm as ``sqrt(sum(x * x))`` (see ``layers.norm``).
 * ``deploy.fuse`` turns each block into :class:`FusedConvNeXtBlock`: the layer scale (V1) and the GRN bias
   (V2) folded into the second linear, drop path removed, and the MLP as 1x1 convs on the channels_last map
-  (``layers.pointwise``: oneDNN on CPU), so the fused block is
+  (``deploy.optimize(model, "cpu")`` puts them on oneDNN's fastest kernel), so the fused block is
   dwconv -> LayerNorm -> 1x1 conv -> GELU [-> GRN scale] -> 1x1 conv, + x, with no permute or copy.
 """
 
@@ -32,7 +32,6 @@ from ..layers import DropPath, LayerNorm2d
 from ..layers.classifier import NormMlpClassifierHead
 from ..layers.drop import drop_path_rates
 from ..layers.norm import GlobalResponseNorm
-from ..layers.pointwise import PointwiseConv
 from ..registry import FamilyDefaults, register_family
 from ._base import Backbone, checkpoint_seq
 
@@ -183,7 +182,7 @@ class ConvNeXtBlock(nn.Module):
         return FusedConvNeXtBlock(self.conv_dw, norm, _pointwise(self.mlp.fc1), grn, _pointwise(fc2))
 
 
-def _pointwise(linear: nn.Linear) -> PointwiseConv:
+def _pointwise(linear: nn.Linear) -> nn.Conv2d:
     """A Linear over channels as the equivalent 1x1 conv."""
     conv = nn.Conv2d(linear.in_features, linear.out_features, 1, bias=linear.bias is not None)
     conv = conv.to(linear.weight)
@@ -191,13 +190,13 @@ def _pointwise(linear: nn.Linear) -> PointwiseConv:
         conv.weight.copy_(linear.weight[:, :, None, None])
         if linear.bias is not None:
             conv.bias.copy_(linear.bias)
-    return PointwiseConv.from_conv(conv)
+    return conv
 
 
 class FusedConvNeXtBlock(nn.Module):
     """Inference form of :class:`ConvNeXtBlock`: ``x + fc2(grn(gelu(fc1(norm(dwconv(x))))))`` with every step
-    on (B, C, H, W) maps stored channels_last, the MLP as 1x1 convs (oneDNN on CPU, see
-    ``layers.pointwise``), layer scale and GRN bias folded into ``fc2``. About 1.5x faster than the
+    on (B, C, H, W) maps stored channels_last, the MLP as 1x1 convs (oneDNN's fastest kernel on CPU after
+    ``deploy.optimize(model, "cpu")``), layer scale and GRN bias folded into ``fc2``. About 1.5x faster than the
     Linear form on CPU at batch 8 (paired measurement, one thread)."""
 
     def __init__(self, conv_dw: nn.Conv2d, norm: nn.Module, fc1: nn.Module, grn: nn.Module,

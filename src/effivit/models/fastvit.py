@@ -15,9 +15,8 @@ pre-norm into the qkv projection), and every layer scale is folded into the conv
 FFN's ``fc2``, the attention's ``proj``), so no BatchNorm, multiplication by a scale or multi-branch block
 remains. For CPU speed the fused model also (a) runs the channel-multiplier convs (down-sampling, final conv:
 one input channel, two outputs per group) as depth-wise convs on repeated channels (``ChannelRepeatConv``),
-(b) stores conv weights channels_last so the network runs NHWC, (c) sends 1x1 convs to oneDNN
-(``layers.pointwise``) and (d) exports GELU in a form ONNX Runtime fuses (:class:`GELU`). None of these
-changes the function computed.
+(b) stores conv weights channels_last so the network runs NHWC and (c) exports GELU in a form ONNX Runtime fuses (:class:`GELU`). None of these
+changes the function computed. Sending 1x1 convs to oneDNN is a CPU deploy pass (``deploy.optimize``).
 """
 
 # No `from __future__ import annotations`: TorchScript reads `Final[bool]` class annotations as objects.
@@ -33,7 +32,6 @@ from ..deploy.fold import bn_scale_shift, fold_affine_into_input, fold_affine_in
 from ..layers import ClassifierHead, DropPath, LayerScale2d
 from ..layers.attention import attend, merge_heads
 from ..layers.drop import drop_path_rates
-from ..layers.pointwise import use_pointwise_convs
 from ..layers.rep import ConvBn, MobileOneBlock, ReparamLargeKernelConv, branch_kernel
 from ..layers.se import SqueezeExcite
 from ..registry import FamilyDefaults, register_family
@@ -425,14 +423,14 @@ class FastViT(Backbone):
 
         Conv weights are stored channels_last: a conv with a channels_last weight gives a channels_last
         output, so the whole network then runs NHWC, which oneDNN's depth-wise and 1x1 kernels read without
-        re-ordering activations around every conv. 1x1 convs become ``PointwiseConv`` (oneDNN instead of the
-        BLAS path). Together about 1.5x faster on CPU (fp32, batch 1 and 8); values are unchanged and export
-        ignores strides.
+        re-ordering activations around every conv (with ``deploy.optimize(model, "cpu")``'s 1x1 convs on
+        oneDNN instead of the BLAS path, together about 1.5x faster on CPU, fp32, batch 1 and 8); values are
+        unchanged and export ignores strides.
         """
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last)
-        return use_pointwise_convs(self)
+        return self
 
 def checkpoint_filter(state: dict[str, torch.Tensor], model: FastViT) -> dict[str, torch.Tensor]:
     """timm checkpoints store layer scales as (C, 1, 1); ours are (C,)."""

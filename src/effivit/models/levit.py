@@ -16,7 +16,9 @@ How this differs from the reference:
 * Attention runs on ``F.scaled_dot_product_attention`` with the gathered bias as ``attn_mask``.
 * ``deploy.fuse`` folds every Linear/Conv-BN pair and both BN-Linear heads, merges the two classifier heads
   into one Linear (eval returns their mean, which is one affine map), turns the conv form's subsample +
-  1x1 query conv into one strided 1x1 conv, and caches each gathered bias as a plain tensor.
+  1x1 query conv into one strided 1x1 conv, and caches each gathered bias as a plain tensor. The fused
+  model is plain ``nn.Linear``/``nn.Hardswish``; the CPU kernel choice (oneDNN's packed inner product with
+  the hard-swish as a post-op) is a deploy pass, ``deploy.optimize(model, "cpu")``.
 * Distillation head: as in timm, training mode returns the mean of both heads; after
   ``set_distilled_training(True)`` (the trainer sets it when it distils) it returns ``(logits, logits_dist)``
   as in the paper. Eval mode returns their mean.
@@ -28,7 +30,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..deploy.fold import fuse_conv_bn
@@ -95,112 +96,6 @@ DEFAULTS = FamilyDefaults(
     has_distill_head=True,
     paper="LeViT: a Vision Transformer in ConvNet's Clothing for Faster Inference (arXiv:2104.01136)",
 )
-
-
-def _has_onednn_linear() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_ONEDNN_LINEAR = _has_onednn_linear()
-_PACK_ROWS = 64  # measured: packing for 16..1568 rows runs LeViT's shapes alike; for 1 row, slower
-
-
-class InferenceLinear(nn.Linear):
-    """The inference form of a folded Linear (same ``weight``/``bias``), optionally followed by hard-swish.
-
-    Why: LeViT's time on CPU is its Linears. ``F.linear`` runs them on the BLAS sgemm, which on this kind of
-    CPU (AMD, AVX-512) measured about half the rate of oneDNN's inner-product for LeViT's shapes (M = tokens,
-    K and N = 128..1280). So eager fp32 CPU inference without autograd calls oneDNN's linear (the kernel
-    ``torch.compile``'s CPU backend uses), with the hard-swish as a fused post-op; the parameters stay plain
-    tensors, so ``state_dict``, ``.to()`` and copies behave as for ``nn.Linear``. Everything else (autograd,
-    autocast, other dtypes/devices, TorchScript, tracing/ONNX export, ``torch.compile``) runs the portable
-    ``F.linear`` (+ ``F.hardswish``) path; both compute the same function up to fp32 rounding.
-
-    oneDNN also gets the weight in its own blocked layout, packed on first use and kept in a Python-only
-    cache stamped like the attention-bias cache (storage pointer and in-place version of ``weight``), so a
-    load, optimizer step or ``.to()`` repacks it; with a plain weight oneDNN reorders it on every call, which
-    dominates at LeViT's last stage (16 tokens per image at 224). The cache is never copied or pickled.
-    """
-
-    # Read once when scripting (TorchScript drops the branch not taken).
-    __constants__ = ["hardswish"]
-    # The packed-weight cache is Python-only bookkeeping; TorchScript never reads it.
-    __jit_ignored_attributes__ = ["_packed"]
-
-    def __init__(self, linear: nn.Linear, hardswish: bool = False) -> None:
-        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                         device=linear.weight.device, dtype=linear.weight.dtype)
-        self.weight = linear.weight
-        self.bias = linear.bias
-        self.hardswish = hardswish
-        self._packed: tuple | None = None  # (weight, stamp, oneDNN-packed weight)
-
-    def __getstate__(self):
-        # The packed weight is an opaque oneDNN tensor (no storage: it cannot be deep-copied or pickled).
-        state = dict(super().__getstate__())
-        state["_packed"] = None
-        return state
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self._use_onednn(x):
-            return self._onednn_forward(x)
-        x = F.linear(x, self.weight, self.bias)
-        if self.hardswish:
-            x = F.hardswish(x)
-        return x
-
-    # Type comments, not annotations: TorchScript cannot resolve the string annotations of ignored methods
-    # in a file with ``from __future__ import annotations``.
-    @torch.jit.unused
-    def _use_onednn(self, x):
-        # type: (Tensor) -> bool
-        return (
-            _ONEDNN_LINEAR
-            and not torch.fx._symbolic_trace.is_fx_symbolic_tracing()  # x is a proxy
-            and torch.backends.mkldnn.enabled
-            and x.device.type == "cpu"
-            and x.dtype == torch.float32
-            and self.weight.dtype == torch.float32
-            and x.is_contiguous()
-            and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-            and not torch.is_autocast_enabled("cpu")
-            and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling()
-        )
-
-    @torch.jit.unused
-    def _onednn_forward(self, x):
-        # type: (Tensor) -> Tensor
-        attr = "hardswish" if self.hardswish else "none"
-        return torch.ops.mkldnn._linear_pointwise(x, self._onednn_weight(x), self.bias, attr, [], "")
-
-    @torch.jit.unused
-    def _onednn_weight(self, x):
-        # type: (Tensor) -> Tensor
-        w = self.weight
-        try:
-            stamp = (w.data_ptr(), w._version)
-        except RuntimeError:  # an inference-mode tensor has no version counter: use the plain weight
-            return w
-        # Holding the weight object too means a replaced weight cannot hand its address to a new one unnoticed.
-        if self._packed is None or self._packed[0] is not w or self._packed[1] != stamp:
-            # The row count is a hint for the layout (any number of tokens works with it). A fixed hint keeps
-            # the layout, hence the rounding, independent of the first input's size.
-            self._packed = (w, stamp, torch.ops.mkldnn._reorder_linear_weight(w.detach(), _PACK_ROWS))
-        return self._packed[2]
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + (", hardswish=True" if self.hardswish else "")
-
-
-def _inference_linear(module: nn.Module, hardswish: bool = False) -> nn.Module:
-    """Wrap a folded ``nn.Linear`` in :class:`InferenceLinear`; anything else (conv form, unfolded) as is."""
-    if type(module) is nn.Linear:
-        return InferenceLinear(module, hardswish)
-    return module
 
 
 class Subsample(nn.Module):
@@ -274,8 +169,6 @@ class LevitAttention(AttentionBiasBase):
             rows = torch.arange(self.num_heads * per_head) % per_head < self.key_dim
             fold_scale_into_rows(self.qkv, rows, self.scale)
             self.scale = 1.0
-        self.qkv = _inference_linear(self.qkv)
-        self.proj.ln = _inference_linear(self.proj.ln)
         return self
 
 
@@ -342,10 +235,6 @@ class LevitAttentionDownsample(AttentionBiasBase):
         if isinstance(q_proj, (nn.Linear, nn.Conv2d)) and self.scale != 1.0:
             fold_scale_into_rows(q_proj, torch.ones(q_proj.weight.shape[0], dtype=torch.bool), self.scale)
             self.scale = 1.0
-        self.kv = _inference_linear(self.kv)
-        if isinstance(self.q, nn.Sequential):
-            self.q.ln = _inference_linear(self.q.ln)
-        self.proj.ln = _inference_linear(self.proj.ln)
         return self
 
 
@@ -365,9 +254,8 @@ class LevitMlp(nn.Module):
         return self.ln2(self.drop(self.act(self.ln1(x))))
 
     def fuse(self) -> nn.Module:
-        if type(self.ln1) is nn.Linear and type(self.act) is nn.Hardswish:
-            # The hard-swish becomes a post-op of the first Linear (one pass less over the hidden tokens).
-            return nn.Sequential(InferenceLinear(self.ln1, hardswish=True), _inference_linear(self.ln2))
+        # Linear -> hard-swish -> Linear (dropout is the identity at inference); deploy.optimize(model, "cpu")
+        # makes the hard-swish a post-op of the first Linear's kernel.
         return nn.Sequential(self.ln1, self.act, self.ln2)
 
 
@@ -516,8 +404,6 @@ class Levit(DistilledBackbone):
         mean, an affine map) into one Linear, and run in channels_last (oneDNN's fast convolutions on CPU;
         the input is converted once at the stem)."""
         self.merge_distilled_heads()
-        if self.merged_heads:
-            self.head = _inference_linear(self.head)
         self.use_channels_last()
         return self
 

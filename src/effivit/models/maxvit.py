@@ -48,7 +48,6 @@ from ..layers.attention import Attention
 from ..layers.classifier import NormMlpClassifierHead
 from ..layers.drop import drop_path_rates
 from ..layers.partition import grid_partition, grid_reverse, window_partition, window_reverse
-from ..layers.pointwise import PointwiseConv
 from ..layers.rel_pos_bias import RelPosBias, resample_relative_table
 from ..registry import FamilyDefaults, register_family
 from ._base import Backbone, Stage, check_input, resolve_indices
@@ -221,9 +220,9 @@ class MBConvBlock(nn.Module):
         # bn1(conv1(bn0(x))): bn0 is a per-channel affine map before a 1x1 unpadded conv (folds into its
         # input side), bn1 folds into its output side; bn2 folds into the depth-wise conv.
         conv1 = fold_affine_into_input(self.conv1_1x1, *bn_scale_shift(self.pre_norm))
-        conv1 = PointwiseConv.from_conv(fuse_conv_bn(conv1, self.norm1))
+        conv1 = fuse_conv_bn(conv1, self.norm1)
         conv2 = _take_weights(self.conv2_kxk, fuse_conv_bn(self.conv2_kxk, self.norm2))
-        return FusedMBConvBlock(self.shortcut, conv1, conv2, self.se, PointwiseConv.from_conv(self.conv3_1x1))
+        return FusedMBConvBlock(self.shortcut, conv1, conv2, self.se, self.conv3_1x1)
 
 
 class FusedMBConvBlock(nn.Module):

@@ -21,9 +21,8 @@ Three token mixers for the transformer blocks, chosen with ``attn=``:
 ``deploy.fuse`` folds every BatchNorm: conv+BN pairs, the blocks' pre-norms into q/k/v and fc1, the
 key/value norm through the (linear) pooling into k/v; q/k/v projections that read the same map become one
 conv; the final norm, which follows a residual sum, becomes a per-channel affine map. No BatchNorm remains.
-The fused model's 1x1 convs are ``PointwiseConv``: bf16 channels_last maps run them as a token GEMM, which
-oneDNN does faster than its bf16 1x1 conv (fp32 keeps the conv, faster there). Everything works in NCHW and
-channels_last; on CPU fp32 is fastest in NCHW, bf16 in channels_last (``benchmarks/nextvit.py`` measures it).
+The fused model's 1x1 convs are plain convs; on CPU, ``deploy.optimize(model, "cpu")`` gives them oneDNN's
+fastest kernel (bf16 channels_last maps as a token GEMM). Everything works in NCHW and channels_last; on CPU fp32 is fastest in NCHW, bf16 in channels_last (``benchmarks/nextvit.py`` measures it).
 """
 
 from collections.abc import Callable
@@ -45,7 +44,7 @@ from ..registry import FamilyDefaults, register_family
 from ._base import Backbone, Stage
 
 # FX records these layout-dependent helpers (they branch on memory format and sizes) as opaque calls.
-for _name in ("map_to_heads", "heads_to_map", "_raster_pool", "_pointwise", "_windowed_mean"):
+for _name in ("map_to_heads", "heads_to_map", "_raster_pool", "_windowed_mean"):
     torch.fx.wrap(_name)
 
 ATTN_KINDS = ("original", "bchw", "xca")
@@ -90,43 +89,6 @@ DEFAULTS = FamilyDefaults(
 
 def _norm(chs: int) -> nn.Module:
     return nn.BatchNorm2d(chs, eps=1e-5)
-
-
-class PointwiseConv(nn.Conv2d):
-    """A plain 1x1 conv (stride 1, one group) that runs bf16 channels_last maps as a linear layer over the
-    tokens (a free view of such a map). Same maths, different kernel: on the 2-core AVX-512-bf16 CPU we
-    target, oneDNN's bf16 matmul ran Next-ViT's 1x1 convs 1.2-1.6x faster than its bf16 1x1 conv (about
-    1.2x on the whole bf16 model), while in fp32 ``F.linear`` goes to a GEMM about 2x slower than oneDNN's
-    conv, so fp32 (and NCHW) keep the conv. ``NextViT.fuse`` swaps it in for every such conv; graph capture
-    (fp32) sees a plain Conv."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _pointwise(x, self.weight, self.bias)
-
-
-def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if x.dtype == torch.bfloat16 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        b, c, h, w = x.shape
-        tokens = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view: channels_last memory is (B, H, W, C)
-        y = F.linear(tokens, weight.reshape(weight.shape[0], c), bias)
-        return y.reshape(b, h, w, -1).permute(0, 3, 1, 2)  # channels_last again, no copy
-    return F.conv2d(x, weight, bias)
-
-
-def _use_pointwise_convs(module: nn.Module) -> None:
-    """Replace every plain 1x1 ``nn.Conv2d`` below ``module`` by a ``PointwiseConv`` with the same parameters."""
-    for name, child in module.named_children():
-        plain = (type(child) is nn.Conv2d and child.kernel_size == (1, 1) and child.stride == (1, 1)
-                 and child.padding == (0, 0) and child.dilation == (1, 1) and child.groups == 1
-                 and child.padding_mode == "zeros")
-        if plain:
-            new = PointwiseConv(child.in_channels, child.out_channels, 1, bias=child.bias is not None)
-            new = new.to(device=child.weight.device, dtype=child.weight.dtype)
-            new.weight = child.weight
-            new.bias = child.bias
-            setattr(module, name, new.train(child.training))
-        else:
-            _use_pointwise_convs(child)
 
 
 class WindowMean(nn.Module):
@@ -253,7 +215,7 @@ class NextConvBlock(nn.Module):
 #
 # Layout policy (measured on our 2-core CPU): every mixer works on maps, accepts NCHW and channels_last and
 # returns one of the two. Projections are 1x1 convs (oneDNN's fp32 1x1 conv runs about 2x faster than the
-# GEMM behind F.linear; in the fused model PointwiseConv switches bf16 channels_last maps to a token GEMM).
+# GEMM behind F.linear; deploy.optimize(model, "cpu") runs bf16 channels_last maps as a token GEMM).
 # Attention runs on SDPA's fused kernel, which needs q/k/v with a unit-stride last dim: for channels_last
 # maps the heads are views of the projections' outputs and SDPA's output already is the channels_last
 # result (no copies); NCHW maps cost one copy in and one out.
@@ -636,7 +598,6 @@ class NextViT(Backbone):
         # a per-channel affine map (no BatchNorm, no running statistics).
         if isinstance(self.norm, nn.modules.batchnorm._BatchNorm):
             self.norm = ChannelAffine(*bn_scale_shift(self.norm))
-        _use_pointwise_convs(self)
         return self
 
     def _init_weights(self) -> None:

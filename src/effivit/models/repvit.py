@@ -28,7 +28,6 @@ from ..deploy.fold import average_linears, fuse_conv_bn, sum_branches
 from ..layers import ConvNorm, DropPath
 from ..layers.conv_bn import NormLinear
 from ..layers.drop import drop_path_rates
-from ..layers.pointwise import use_pointwise_convs
 from ..layers.rep import branch_kernel
 from ..layers.se import SqueezeExcite
 from ..registry import FamilyDefaults, register_family
@@ -264,12 +263,6 @@ class RepViT(Backbone):
     def set_distilled_training(self, enable: bool = True) -> None:
         """True: training mode returns (logits, logits_dist). False (default, as timm): their mean, as in eval."""
         self.head.distilled_training = enable
-
-    # ---- deploy ---------------------------------------------------------------------------------
-    def fuse(self) -> nn.Module:
-        """Called by ``deploy.fuse`` after every child is folded: the 1x1 convs become ``PointwiseConv``
-        (oneDNN on CPU, same numbers; see ``layers.pointwise``)."""
-        return use_pointwise_convs(self)
 
     # ---- forward --------------------------------------------------------------------------------
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""PyTorch eager: the reference runtime. fp32 as is; bf16/fp16 with ``deploy.to_dtype`` (weights cast once)."""
+"""PyTorch eager: the reference runtime. The fused model with the device's kernel passes
+(``deploy.optimize``); fp32 as is, bf16/fp16 with ``deploy.to_dtype`` (weights cast once)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,18 @@ from .base import TORCH_DTYPES, Backend, Context, Prepared
 
 
 def torch_model(model: nn.Module, dtype: str, ctx: Context) -> nn.Module:
-    """The module that runs ``dtype`` on ``ctx.device``: half precision via ``deploy.to_dtype`` (fp32 in and
-    out, norms and softmax statistics in fp32), in the requested memory format."""
+    """The module that runs ``dtype`` on ``ctx.device``: the target's kernel passes (``deploy.optimize``: on
+    CPU oneDNN's packed linears and 1x1 convs), half precision via ``deploy.to_dtype`` (fp32 in and out,
+    norms and softmax statistics in fp32), in the requested memory format."""
+    from ...deploy.passes import optimize
+
+    if ctx.device == "cpu":
+        model = optimize(model, "cpu")  # a copy with the CPU passes applied
     if dtype != "fp32":
         from ...deploy.precision import to_dtype
 
         model = to_dtype(model, TORCH_DTYPES[dtype])
-    elif ctx.device != "cpu" or ctx.channels_last:
+    elif ctx.device != "cpu":
         model = copy.deepcopy(model)  # .to() works in place: the caller's (CPU) model stays as it was
     model = model.to(ctx.device)
     if ctx.channels_last:
