@@ -448,8 +448,7 @@ def _quantize_nncf(src: Path, dst: Path, batches: list[torch.Tensor], policy: Qu
     except ImportError as e:
         raise RuntimeError("int8 for openvino needs openvino and nncf: pip install 'effivit[openvino]'") from e
     core = ov.Core()
-    ov_model = core.read_model(str(src))
-    quant, keep, _ = _ov_roles(ov_model, policy)
+    quant, keep, _ = _ov_roles(core.read_model(str(src)), policy)
     dataset = nncf.Dataset([b.numpy() for b in batches])
     # TRANSFORMER for every family: NNCF then leaves elementwise ops (residual adds, scalings) in float and
     # quantizes only matmul/conv inputs, as the ORT path does; on EfficientViT-B0 (no softmax) the default
@@ -458,10 +457,22 @@ def _quantize_nncf(src: Path, dst: Path, batches: list[torch.Tensor], policy: Qu
     if policy.calibrate == "percentile":
         kwargs["advanced_parameters"] = nncf.AdvancedQuantizationParameters(
             activations_range_estimator_params=nncf.quantization.range_estimator.RangeEstimatorParametersSet.MEAN_QUANTILE)
-    with _quiet_logs("nncf"):
-        q = nncf.quantize(ov_model, dataset, subset_size=len(batches), preset=nncf.QuantizationPreset.MIXED,
-                          ignored_scope=nncf.IgnoredScope(names=keep, validate=False), fast_bias_correction=True,
-                          **kwargs)
+    q, note = None, ""
+    for fbc in (True, False):  # fast bias correction fails on a few graphs (NNCF reshapes a wrong array)
+        try:
+            with _quiet_logs("nncf"):
+                q = nncf.quantize(core.read_model(str(src)), dataset, subset_size=len(batches),
+                                  preset=nncf.QuantizationPreset.MIXED,
+                                  ignored_scope=nncf.IgnoredScope(names=keep, validate=False),
+                                  fast_bias_correction=fbc, **kwargs)
+            break
+        except Exception as e:  # noqa: BLE001 - reported, then the next recipe is tried
+            note = f"NNCF failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    if q is None:
+        # OpenVINO also runs ONNX Runtime's QDQ graph as int8: the other well-kept quantizer.
+        qdq = _quantize_ort(src, dst.with_suffix(".qdq.onnx"), batches, policy, source)
+        q = core.read_model(str(qdq.path))
+        source = f"{source}; {note}: ONNX Runtime's QDQ graph used instead"
     dst = dst.with_suffix(".xml")
     ov.save_model(q, str(dst), compress_to_fp16=False)
     return QuantizedModel(dst, "openvino", policy, keep, len(quant), source)
