@@ -433,3 +433,38 @@ def test_count_macs_sees_fused_onednn_linear_kernels():
 
     x = torch.randn(2, 5, 16)
     assert count_macs(Fused(), x) == 2 * count_macs(lin, x) == 2 * 2 * 5 * 16 * 24
+
+
+def test_cli_every_backend_and_dtype_with_skips_and_int8(toys, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "all"
+    rc = main(["bench", "--models", "toy_small", "--img-size", "32", "--iters", "2", "--warmup", "1", "--rounds", "1",
+               "--threads", "1", "--device", "cpu", "--backend", "all", "--dtype", "all", "--no-memory",
+               "--no-gemm", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    data = json.loads((out / "results.json").read_text())
+    rows = data["results"]
+    from effivit.bench.backends import DTYPES, list_backends
+
+    assert data["settings"]["backends"] == list_backends() and data["settings"]["dtypes"] == list(DTYPES)
+    assert len(rows) == len(list_backends()) * len(DTYPES)
+    assert all({"model", "backend", "dtype", "median_ms"} <= set(r) for r in rows)
+    by = {(r["backend"], r["dtype"]): r for r in rows}
+    assert by[("eager", "fp32")]["status"] == "ok" and by[("onnxruntime", "int8")]["status"] == "ok"
+    assert by[("eager", "int8")]["status"] == "skipped" and "has no int8 path" in by[("eager", "int8")]["error"]
+    if not torch.cuda.is_available():
+        assert by[("tensorrt", "fp16")]["status"] == "skipped" and "does not run on cpu" in by[("tensorrt", "fp16")]["error"]
+    # int8 without --calibration: measured, accuracy unknown, so never the answer.
+    int8 = by[("onnxruntime", "int8")]
+    assert int8["accuracy"] == "unknown (synthetic calibration)" and not int8["pareto"] and not int8["best_path"]
+    assert int8["logit_err"] is not None and int8["logit_err"] < 0.5
+    assert by[("onnxruntime", "fp32")]["logit_err"] < 1e-4
+    assert "measurement(s) skipped" in text and "fastest held path" in text
+    # A calibration folder without images is a clear error.
+    (tmp_path / "empty").mkdir()
+    rc = main(["bench", "--models", "toy_small", "--img-size", "32", "--iters", "1", "--warmup", "0", "--rounds", "1",
+               "--backend", "onnxruntime", "--dtype", "int8", "--calibration", str(tmp_path / "empty"), "--no-memory",
+               "--no-gemm", "--no-progress", "--device", "cpu"])
+    assert rc == 1
+    assert "holds no images" in capsys.readouterr().out
