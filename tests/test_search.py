@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from dataclasses import replace
 
@@ -401,3 +402,27 @@ def test_search_command_end_to_end(digits, tmp_path, capsys):
     assert main(["search", "--predict", str(arch_file), "--table", str(out / "latency_table.json"), "-v"]) == 0
     text = capsys.readouterr().out
     assert "predicted" in text and "measured" in text and "stem/" in text
+
+
+def test_torchrun_trains_the_supernet_on_two_processes(digits, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    common = ["--data", str(digits), "--out", str(out), "--space", "tiny", "--epochs", "1", "--batch-size", "10",
+              "--workers", "0", "--threads", "1", "--sample-ms", "0", "--rounds", "1", "--holdout", "0.34",
+              "--calib-images", "10", "--scale", "0.8", "1", "--hflip", "0", "--randaugment", "0", "0",
+              "--no-progress", "--device", "cpu"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "effivit",
+                "search"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # No table yet: N training processes must not measure latency; the error says how to build it first.
+    res = subprocess.run([*torchrun, *common, "--budget-ms", "100"], capture_output=True, text=True, env=env)
+    assert res.returncode != 0 and "--stop-after table" in res.stderr + res.stdout
+    assert subprocess.run([sys.executable, "-m", "effivit", "search", *common, "--stop-after", "table"],
+                          env=env).returncode == 0
+    res = subprocess.run([*torchrun, *common, "--budget-ms", "100"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    ckpt = torch.load(out / "supernet" / "last.pt", weights_only=True)
+    assert len(ckpt["rng"]) == 2  # both processes' random streams are saved
+    assert (out / "budget-100ms" / "arch.json").is_file() and res.stdout.count("search done") == 1  # rank 0 slims

@@ -33,7 +33,7 @@ def plot_slimming(rows: Sequence[dict[str, Any]], path: str | Path, budget_ms: f
     ax.set_ylabel("held-out top-1 (%)")
     ax.invert_xaxis()  # slimming goes from the slowest network to the fastest: read it left to right
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="best", framealpha=0.7)
     ax.set_title(title or "latency-driven slimming (d: drop block, 4: MB3D->MB4D, n: narrow stage)", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
