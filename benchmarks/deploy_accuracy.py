@@ -142,8 +142,14 @@ def _evaluate_model(name: str, workdir: Path, log) -> list[dict]:
     from effivit.deploy import fuse
     from effivit.deploy.precision import QuantPolicy, calibration_from_folder, policy_for
 
+    # The final weights, or the best epoch's where the run diverged at the end (convnextv2_atto's last epoch
+    # went to NaN here).
     ckpt = workdir / name / "last.pt"
-    model = fuse(create_model(name, num_classes=10, pretrained=str(ckpt)).eval())
+    unfused = create_model(name, num_classes=10, pretrained=str(ckpt)).eval()
+    if not all(torch.isfinite(p).all() for p in unfused.parameters()) and (workdir / name / "best.pt").exists():
+        log(f"{name}: the final checkpoint holds non-finite weights; using best.pt")
+        unfused = create_model(name, num_classes=10, pretrained=str(workdir / name / "best.pt")).eval()
+    model = fuse(unfused)
     family = model.pretrained_cfg["family"]
     data = workdir / "digits32"
     xv, yv = _digits(model, data, "val")
@@ -250,7 +256,8 @@ def markdown(rows: list[dict], argv: list[str]) -> str:
         f"Command: `{exact_command(['benchmarks/deploy_accuracy.py', *argv])}`",
         "",
         f"One model per family (its smallest variant) trained with `effivit train` on the digits set ({EPOCHS} "
-        "epochs at 32 px, 1,438 training images), then run in every deploy path and compared with the same "
+        "epochs at 32 px (42 px for patch-14 models), 1,438 training images; the final checkpoint, or the best epoch's where the run "
+        "diverged at the end), then run in every deploy path and compared with the same "
         "fused model in PyTorch eager fp32. Digits: validation top-1 on 359 images (one image = 0.28 points). "
         "Photographs: the scikit-image sample photographs at 224 px (out of distribution for a digits model, "
         "so their logits are far from the calibration data): top-1 agreement with fp32 and the max logit "
