@@ -3,6 +3,7 @@ artifact that is verified against the fused fp32 model with the precision's decl
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -10,8 +11,10 @@ import torch
 
 from effivit import create_model
 from effivit.cli import main
-from effivit.deploy import export as E
 from effivit.deploy import fuse
+
+# The module (effivit.deploy.export is also the name of its main function in effivit.deploy).
+E = importlib.import_module("effivit.deploy.export")
 
 
 @pytest.fixture(scope="module")
