@@ -1,13 +1,17 @@
-"""Registry-wide contract: every registered model honours the same surface and deploy guarantees.
+"""Registry-wide contract: every registered model honours timm's model surface and the deploy guarantees.
 
-Capabilities are read from each model's config (size divisor, distillation head), not from lists of
+Capabilities are read from the registry (size rule, fixed size, distillation head), not from lists of
 exceptions. Per-model checks run at a small input size to keep the suite fast; the heavier deploy checks
-(TorchScript, ONNX Runtime, channels_last, autocast, training) run on the smallest variant of each family.
+(TorchScript, ONNX Runtime, channels_last, autocast, training, detection necks) run on the smallest variant
+of each family. timm is the oracle where it has the same model name: state-dict keys, default tags, its
+optimizer factory.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+import math
 
 import pytest
 import torch
@@ -19,22 +23,29 @@ from effivit.registry import get_entry, list_families
 
 MODELS = effivit.list_models()
 FAMILIES = list_families()
+timm = pytest.importorskip("timm")
+TIMM_MODELS = set(timm.list_models())
 
 
-def small_size(name: str) -> int:
-    divisor = get_entry(name).defaults.size_divisor
-    return max(64, 2 * divisor)
+def small_size(name: str) -> tuple[int, int]:
+    """A small input the model takes: its training size when fixed, else the smallest multiple of its size
+    divisor from 64 up."""
+    entry = get_entry(name)
+    d = entry.defaults
+    if d.fixed_input_size:
+        return tuple(entry.pretrained_cfg()["input_size"][1:])
+    divisor = max(1, d.size_divisor)
+    s = divisor * math.ceil(max(64, d.min_input_size or 0) / divisor)
+    return s, s
 
 
 @functools.cache
 def smallest_variant(family: str) -> str:
-    """The family's variant with the fewest published parameters (counted when none are published)."""
+    """The family's variant with the fewest parameters (counted on the meta device)."""
 
-    def params(name: str) -> float:
-        tag = get_entry(name).default_tag
-        if tag is not None and tag.published.params_m is not None:
-            return tag.published.params_m
-        return sum(p.numel() for p in effivit.create_model(name).parameters()) / 1e6
+    def params(name: str) -> int:
+        with torch.device("meta"):
+            return sum(p.numel() for p in effivit.create_model(name).parameters())
 
     return min(effivit.list_models(family=family), key=params)
 
@@ -44,13 +55,19 @@ def tolerance(reference: torch.Tensor, atol: float = 1e-4) -> float:
     return atol * max(1.0, float(reference.abs().max()))
 
 
+def feature_width(name: str, features: torch.Tensor) -> int:
+    """The channel axis of forward_features' output: dim 1 of a map, the last dim of (B, N, C) tokens."""
+    return features.shape[1] if features.dim() == 4 else features.shape[-1]
+
+
 def test_registry_is_populated():
     assert "nextvit_small" in MODELS
-    assert len(FAMILIES) >= 1
+    assert len(FAMILIES) >= 9
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_model_contract(name):
+    """Outputs, fused form, heads, multi-scale features, FX, meta build, head round trip, train-mode output."""
     torch.manual_seed(0)
     model = effivit.create_model(name).eval()
     randomize_norm_stats(model)
@@ -59,72 +76,257 @@ def test_model_contract(name):
         assert key in cfg, f"pretrained_cfg lacks {key}"
     assert model.default_cfg is model.pretrained_cfg
     assert cfg["architecture"] == name
+    json.loads(json.dumps(cfg))  # JSON-serialisable, as timm's (hub configs, experiment loggers)
 
-    s = small_size(name)
-    x = torch.randn(1, 3, s, s)
+    h, w = small_size(name)
+    x = torch.randn(2, 3, h, w)
     with torch.no_grad():
         y = model(x)
-    assert y.shape == (1, 1000)
+        feats = model.forward_features(x)
+        pooled = model.forward_head(feats, pre_logits=True)
+    assert y.shape == (2, 1000)
     assert torch.isfinite(y).all()
+    assert pooled.shape == (2, model.head_hidden_size)
+    assert feature_width(name, feats) == model.num_features
+    assert_close(model.forward_head(feats), y, tolerance(y), f"{name} forward_head(forward_features)")
 
-    # The deploy form gives the same outputs.
+    # The deploy form gives the same outputs, features and pre-logits.
     fused = fuse(model)
     with torch.no_grad():
-        yf = fused(x)
-    assert_close(yf, y, tolerance(y), f"{name} fused vs unfused")
+        assert_close(fused(x), y, tolerance(y), f"{name} fused vs unfused")
+        f_feats = fused.forward_features(x)
+        assert_close(f_feats, feats, tolerance(feats), f"{name} fused forward_features")
+        assert_close(fused.forward_head(f_feats, pre_logits=True), pooled, tolerance(pooled),
+                     f"{name} fused pre-logits")
 
     # Multi-scale features for necks: one map per feature_info entry, with the declared channels/strides.
     with torch.no_grad():
-        feats = model.forward_intermediates(x, intermediates_only=True)
-    assert len(feats) == len(model.feature_info) >= 1
-    for f, info in zip(feats, model.feature_info):
+        maps = model.forward_intermediates(x, intermediates_only=True)
+        final, inter = model.forward_intermediates(x)
+    assert len(maps) == len(inter) == len(model.feature_info) >= 1
+    for f, info in zip(maps, model.feature_info):
         assert f.dim() == 4 and f.shape[1] == info["num_chs"], f"{name}: {tuple(f.shape)} vs {info}"
-        assert s // f.shape[-1] == info["reduction"], f"{name}: map {tuple(f.shape)} at input {s} vs {info}"
-    final, inter = model.forward_intermediates(x)
-    assert len(inter) == len(feats)
-    with torch.no_grad():
-        assert_close(model.forward_head(final), y, tolerance(y), f"{name} forward_intermediates final")
+        assert h // f.shape[-2] == info["reduction"], f"{name}: map {tuple(f.shape)} at input {h} vs {info}"
+    assert_close(final, feats, tolerance(feats), f"{name} forward_intermediates final == forward_features")
 
-    # pre_logits / heads.
+    # Meta-device build, then to_empty + load_state_dict(assign=True): how large models load.
+    with torch.device("meta"):
+        meta = effivit.create_model(name)
+    assert all(p.is_meta for p in meta.parameters())
+    meta = meta.to_empty(device="cpu")
+    meta.load_state_dict(model.state_dict(), assign=True)
     with torch.no_grad():
-        pooled = model.forward_head(model.forward_features(x), pre_logits=True)
-    assert pooled.shape == (1, model.head_hidden_size)
-    assert model.forward_features(x).shape[1] == model.num_features
+        assert_close(meta.eval()(x), y, tolerance(y), f"{name} meta build + assign")
+
+    # FX (torchvision's feature extraction, timm's FX path): traced graph == eager, eval and train.
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    train_nodes, eval_nodes = get_graph_node_names(model)
+    assert train_nodes == eval_nodes, f"{name}: train and eval graphs differ"
+    middle = eval_nodes[len(eval_nodes) // 2]
+    extractor = create_feature_extractor(model, return_nodes={middle: "middle", eval_nodes[-1]: "out"})
+    with torch.no_grad():
+        assert_close(extractor.eval()(x)["out"], y, tolerance(y), f"{name} FX graph (eval)")
+    model.train()
+    extractor.train()
+    out_eager = model(x)
+    assert isinstance(out_eager, torch.Tensor), f"{name}: train mode must return one tensor (timm's default)"
+    out_fx = extractor(x)["out"]
+    assert_close(out_fx, out_eager, tolerance(out_eager), f"{name} FX graph (train)")
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_fx = torch.autograd.grad(out_fx.square().mean(), params, allow_unused=True)
+    g_eager = torch.autograd.grad(model(x).square().mean(), params, allow_unused=True)
+    for a, b in zip(g_fx, g_eager):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert_close(a, b, tolerance(b, 1e-3), f"{name} FX backward")
+    model.eval()
+
+    # Heads: reset, pre-logits, num_classes=0.
     model.reset_classifier(7)
     with torch.no_grad():
-        assert model(x).shape == (1, 7)
+        assert model(x).shape == (2, 7)
     model.reset_classifier(0)
     with torch.no_grad():
-        assert model(x).shape == (1, model.head_hidden_size)
+        assert model(x).shape == (2, model.head_hidden_size)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_pretrained_head_round_trip_and_feature_extractor(name):
+    """A fine-tuned checkpoint with the same class count loads whole; num_classes=0 + pretrained works."""
+    torch.manual_seed(0)
+    tuned = effivit.create_model(name, num_classes=10).eval()
+    randomize_norm_stats(tuned)
+    h, w = small_size(name)
+    x = torch.randn(1, 3, h, w)
+    state = tuned.state_dict()
+    again = effivit.create_model(name, pretrained=state, num_classes=10).eval()
+    with torch.no_grad():
+        y = tuned(x)
+        assert_close(again(x), y, tolerance(y), f"{name}: the 10-class head must load")
+        trunk = effivit.create_model(name, pretrained=state, num_classes=0).eval()
+        expected = tuned.forward_head(tuned.forward_features(x), pre_logits=True)
+        assert_close(trunk(x), expected, tolerance(expected), f"{name}: num_classes=0 + pretrained")
+
+
+@pytest.mark.parametrize("name", sorted(set(MODELS) & TIMM_MODELS))
+def test_state_dict_keys_and_default_tag_equal_timms(name):
+    with torch.device("meta"):
+        ours = effivit.create_model(name)
+        theirs = timm.create_model(name)
+    assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    timm_tags = timm.models._registry._model_default_cfgs[name].tags  # noqa: SLF001 - timm's tag registry
+    ours_tag = get_entry(name).default_tag
+    if ours_tag is not None:
+        assert ours_tag.tag == timm_tags[0], f"{name}: default tag {ours_tag.tag} vs timm's {timm_tags[0]}"
+    else:
+        assert not any(t for t in timm_tags), f"{name}: timm has weights {timm_tags} we do not list"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_timm_optimizer_factory_with_layer_decay(name):
+    from timm.optim import create_optimizer_v2
+
+    with torch.device("meta"):
+        model = effivit.create_model(name)
+    no_wd = model.no_weight_decay()
+    assert isinstance(no_wd, set)
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+    seen = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    assert sorted(seen) == sorted(names.values()), f"{name}: every parameter in exactly one group"
+    scale = {names[id(p)]: g["lr_scale"] for g in opt.param_groups for p in g["params"]}
+    decay = {names[id(p)]: g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    for n in no_wd:
+        assert decay[n] == 0.0, f"{name}: {n} is in no_weight_decay() but decays"
+    stem = [n for n in scale if n.startswith(tuple(c + "." for c in model._stem_names()))]
+    assert stem and max(scale[n] for n in stem) < 1.0, f"{name}: the stem must get a decayed learning rate"
+    assert len(set(scale.values())) > len(model.feature_info), f"{name}: layer decay needs per-block groups"
+    assert max(scale.values()) == 1.0
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bad_input_is_rejected(family):
     name = smallest_variant(family)
     model = effivit.create_model(name).eval()
-    divisor = model.pretrained_cfg["size_divisor"]
-    s = small_size(name)
+    cfg = model.pretrained_cfg
+    divisor, minimum = cfg["size_divisor"], cfg["min_input_size"]
+    h, w = small_size(name)
     with pytest.raises(ValueError, match="channels"):
-        model(torch.randn(1, 4, s, s))
+        model(torch.randn(1, 4, h, w))
     if divisor > 1:
-        with pytest.raises(ValueError, match=f"multiples of {divisor}"):
-            model(torch.randn(1, 3, s + divisor // 2, s))
+        with pytest.raises(ValueError, match=f"H={h + divisor // 2}, W={w}.*multiples of {divisor}"):
+            model(torch.randn(1, 3, h + divisor // 2, w))
+    if minimum > 1 and divisor == 1:
+        with pytest.raises(ValueError, match=f"H={minimum - 1}, W={w}.*at least {minimum}"):
+            model(torch.randn(1, 3, minimum - 1, w))
     with pytest.raises(ValueError, match="4-D"):
-        model(torch.randn(3, s, s))
+        model(torch.randn(3, h, w))
+    with pytest.raises(ValueError, match="floating-point"):
+        model(torch.randint(0, 255, (1, 3, h, w), dtype=torch.uint8))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_features_only(family):
+def test_features_only_is_pruned_and_trains(family):
     name = smallest_variant(family)
-    backbone = effivit.create_model(name, features_only=True, out_indices=(-2, -1)).eval()
-    s = small_size(name)
+    torch.manual_seed(0)
+    full = effivit.create_model(name)
+    backbone = effivit.create_model(name, features_only=True, out_indices=(-2, -1))
+    h, w = small_size(name)
     with torch.no_grad():
-        feats = backbone(torch.randn(2, 3, s, s))
+        feats = backbone.eval()(torch.randn(2, 3, h, w))
     assert len(feats) == 2
     assert [f.shape[1] for f in feats] == backbone.feature_info.channels() == backbone.out_channels
-    assert [s // f.shape[-1] for f in feats] == backbone.feature_info.reduction() == backbone.strides
+    assert [h // f.shape[-2] for f in feats] == backbone.feature_info.reduction() == backbone.strides
+    # No head and no final norm left: every parameter is used (DDP's find_unused_parameters stays off).
+    first = effivit.create_model(name, features_only=True, out_indices=(0,))
+    assert sum(p.numel() for p in first.parameters()) < sum(p.numel() for p in full.parameters()) / 2
+    classifiers = full.pretrained_cfg["classifier"]
+    classifiers = (classifiers,) if isinstance(classifiers, str) else classifiers
+    assert not any(k.startswith(tuple("model." + c for c in classifiers)) for k in backbone.state_dict())
+    backbone.train().set_grad_checkpointing(True)
+    out = backbone(torch.randn(2, 3, h, w))
+    sum(o.float().square().mean() for o in out).backward()
+    unused = [n for n, p in backbone.named_parameters() if p.requires_grad and p.grad is None]
+    assert not unused, f"{name}: parameters without gradient in a features_only model: {unused[:5]}"
     with pytest.raises(ValueError, match="out of range"):
         effivit.create_model(name, features_only=True, out_indices=(99,))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_timm_keywords(family, tmp_path):
+    from safetensors.torch import save_file
+
+    name = smallest_variant(family)
+    entry = get_entry(name)
+    torch.manual_seed(0)
+    ref = randomize_norm_stats(effivit.create_model(name)).eval()
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
+    h, w = small_size(name)
+    x = torch.randn(1, 3, h, w)
+    with torch.no_grad():
+        y = ref(x)
+        for kwargs in (dict(checkpoint_path=path), dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path))),
+                       dict(pretrained=path, scriptable=True, exportable=True, no_jit=False, cache_dir=tmp_path)):
+            assert_close(effivit.create_model(name, **kwargs).eval()(x), y, tolerance(y), f"{name} {kwargs}")
+        m64 = effivit.create_model(name, pretrained=path, dtype=torch.float64).eval()
+        assert m64.forward_head(m64.forward_features(x.double())).dtype == torch.float64
+        assert_close(m64(x.double()).float(), y, tolerance(y), f"{name} dtype=float64")
+    meta = effivit.create_model(name, device="meta")
+    assert all(p.is_meta for p in meta.parameters())
+    if not entry.defaults.fixed_input_size:
+        size = (h * 2, w * 2) if entry.defaults.size_divisor > 1 else (h + 3, w + 5)
+        sized = effivit.create_model(name, img_size=size)
+        assert sized.pretrained_cfg["input_size"] == (3, *size)
+        with torch.no_grad():
+            assert sized.eval()(torch.randn(1, 3, *size)).shape == (1, 1000)
+    with pytest.raises(ValueError, match="img_size"):
+        effivit.create_model(name, img_size="big")
+    with pytest.raises(ValueError, match="scriptable"):
+        effivit.create_model(name, scriptable="yes")
+    with pytest.raises(ValueError, match="dtype"):
+        effivit.create_model(name, dtype=torch.int8)
+
+
+def test_hf_hub_model_names_resolve_offline(tmp_path, monkeypatch):
+    """``hf-hub:org/name`` with the repository's config.json and weights in the cache, no network."""
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    torch.manual_seed(0)
+    ref = effivit.create_model("levit_128s", num_classes=5).eval()
+    snapshot = tmp_path / "models--someone--my-levit" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (tmp_path / "models--someone--my-levit" / "refs").mkdir()
+    (tmp_path / "models--someone--my-levit" / "refs" / "main").write_text("0" * 40)
+    (snapshot / "config.json").write_text(json.dumps(
+        {"architecture": "levit_128s", "num_classes": 5, "pretrained_cfg": {"tag": "fb_dist_in1k"}}))
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(snapshot / "model.safetensors"))
+    model = effivit.create_model("hf-hub:someone/my-levit", pretrained=True, num_classes=5, cache_dir=tmp_path)
+    assert model.pretrained_cfg["architecture"] == "levit_128s"
+    assert model.pretrained_cfg["hf_hub_id"] == "someone/my-levit"
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert_close(model.eval()(x), ref(x), 1e-5, "hf-hub model")
+    # timm's own repositories are named after the weight: resolved from the name when no config is cached.
+    assert effivit.create_model("hf-hub:timm/levit_128s.fb_dist_in1k", cache_dir=tmp_path).pretrained_cfg[
+        "tag"] == "fb_dist_in1k"
+    with pytest.raises(ValueError, match="cannot tell which architecture"):
+        effivit.create_model("hf-hub:someone/unknown-model", cache_dir=tmp_path)
+
+
+def test_fine_tuned_head_with_another_class_count_is_dropped_and_named(caplog):
+    torch.manual_seed(0)
+    state = effivit.create_model("levit_128s", num_classes=10).state_dict()
+    with caplog.at_level("WARNING", logger="effivit"):
+        model = effivit.create_model("levit_128s", pretrained=state, num_classes=3)
+    assert "10 classes and the model 3" in caplog.text and "head.linear.weight" in caplog.text
+    assert model.head.linear.weight.shape == (3, 384)
+    assert torch.equal(model.stem.conv1.linear.weight, state["stem.conv1.linear.weight"])
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -132,8 +334,8 @@ def test_torchscript_channels_last_autocast(family):
     name = smallest_variant(family)
     torch.manual_seed(0)
     model = randomize_norm_stats(effivit.create_model(name)).eval()
-    s = small_size(name)
-    x = torch.randn(2, 3, s, s)
+    h, w = small_size(name)
+    x = torch.randn(2, 3, h, w)
     with torch.no_grad():
         y = model(x)
         for form, m in (("unfused", model), ("fused", fuse(model))):
@@ -156,8 +358,9 @@ def test_onnx_runtime_parity(family, tmp_path):
     name = smallest_variant(family)
     torch.manual_seed(0)
     model = fuse(randomize_norm_stats(effivit.create_model(name)).eval())
-    s = small_size(name)
-    path = export_onnx(model, tmp_path / f"{name}.onnx", img_size=s, dynamic_batch=True)
+    h, w = small_size(name)
+    # export_onnx runs the exported graph in ONNX Runtime and raises if it differs from PyTorch.
+    path = export_onnx(model, tmp_path / f"{name}.onnx", img_size=(h, w), dynamic_batch=True)
     assert path.stat().st_size > 0
 
 
@@ -170,16 +373,97 @@ def test_trains_with_drop_path_and_grad_checkpointing(family):
     # step 0); non-trivial norm parameters make the test see the whole graph.
     randomize_norm_stats(model)
     model.set_grad_checkpointing(True)
-    s = small_size(name)
-    x = torch.randn(2, 3, s, s)
+    h, w = small_size(name)
+    x = torch.randn(2, 3, h, w)
     out = model(x)
-    logits = out if isinstance(out, torch.Tensor) else out[0]
-    assert logits.shape == (2, 5)
-    loss = sum(o.float().logsumexp(-1).mean() for o in (out if isinstance(out, (tuple, list)) else (out,)))
-    loss.backward()
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 5)
+    out.float().logsumexp(-1).mean().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     with_grad = sum(g is not None and bool(torch.isfinite(g).all()) and bool(g.abs().sum() > 0) for g in grads)
     assert with_grad >= 0.9 * len(grads), f"{name}: only {with_grad}/{len(grads)} parameters got gradients"
+    if get_entry(name).defaults.has_distill_head:
+        model.set_distilled_training(True)
+        pair = model(x)
+        assert isinstance(pair, tuple) and len(pair) == 2 and pair[0].shape == pair[1].shape == (2, 5)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_detection_neck_trains(family):
+    """``features_only`` into torchvision's FPN + Faster R-CNN: one training step, one inference step.
+
+    The neck is what torchvision's ``BackboneWithFPN`` builds (``FeaturePyramidNetwork`` with
+    ``LastLevelMaxPool``) on top of our ``features_only`` body instead of its ``IntermediateLayerGetter``
+    (which can only read a model's direct children).
+    """
+    from collections import OrderedDict
+
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+    from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+    name = smallest_variant(family)
+    torch.manual_seed(0)
+    body = effivit.create_model(name, features_only=True)
+    body = effivit.create_model(name, features_only=True, out_indices=min(3, len(body.out_indices)))
+    levels = len(body.out_indices)
+
+    class Neck(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = body
+            self.fpn = FeaturePyramidNetwork(body.feature_info.channels(), 32, extra_blocks=LastLevelMaxPool())
+            self.out_channels = 32
+
+        def forward(self, x):
+            return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
+
+    entry = get_entry(name)
+    h, _ = small_size(name)
+    size = h if entry.defaults.fixed_input_size else max(h, 128)
+    anchors = AnchorGenerator(tuple((16 * 2**i,) for i in range(levels + 1)), ((0.5, 1.0, 2.0),) * (levels + 1))
+    detector = FasterRCNN(Neck(), num_classes=3, min_size=size, max_size=size, rpn_anchor_generator=anchors,
+                          box_roi_pool=MultiScaleRoIAlign([str(i) for i in range(levels)], 7, 2),
+                          rpn_batch_size_per_image=32, box_batch_size_per_image=32)
+    divisor = entry.defaults.size_divisor
+    detector.transform.size_divisible = divisor if divisor > 1 else 32
+    images = [torch.rand(3, size, size) for _ in range(2)]
+    targets = [dict(boxes=torch.tensor([[10.0, 12.0, 60.0, 70.0]]), labels=torch.tensor([1])) for _ in range(2)]
+    detector.train()
+    losses = detector(images, targets)
+    loss = sum(losses.values())
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in body.parameters())
+    detector.eval()
+    with torch.no_grad():
+        out = detector(images[:1])
+    assert set(out[0]) == {"boxes", "labels", "scores"}
+
+
+def test_compiled_attention_bias_follows_training():
+    """torch.compile: a training step changes the bias tables; eval after it equals eager eval."""
+    torch.manual_seed(0)
+    model = effivit.create_model("levit_128s", num_classes=4)
+    x = torch.randn(2, 3, 64, 64)
+    compiled = torch.compile(model)
+    model.eval()
+    with torch.no_grad():
+        before = compiled(x)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    tables = [m.attention_biases for m in model.modules() if hasattr(m, "attention_biases")]
+    start = [t.detach().clone() for t in tables]
+    compiled(x).logsumexp(-1).mean().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in tables), "bias tables got no gradient"
+    opt.step()
+    assert any(not torch.equal(a, t) for a, t in zip(start, tables))
+    model.eval()
+    with torch.no_grad():
+        after_compiled = compiled(x)
+        after_eager = model(x)
+    assert_close(after_compiled, after_eager, 1e-4, "compiled eval after a step == eager eval")
+    assert (after_compiled - before).abs().max() > 1e-3, "the step changed nothing: the test would be vacuous"
 
 
 def test_torch_compile_one_small_model():
@@ -188,8 +472,8 @@ def test_torch_compile_one_small_model():
                key=lambda n: sum(p.numel() for p in effivit.create_model(n).parameters()))
     torch.manual_seed(0)
     model = fuse(randomize_norm_stats(effivit.create_model(name)).eval())
-    s = small_size(name)
-    x = torch.randn(1, 3, s, s)
+    h, w = small_size(name)
+    x = torch.randn(1, 3, h, w)
     compiled = torch.compile(model)
     with torch.no_grad():
         y = model(x)

@@ -232,6 +232,12 @@ def load_checkpoint(
         )
     on_meta = any(t.is_meta for t in own.values())
     # Convert everything first (the step that can fail: dtype, device, memory); then copy, which cannot.
+    lossy = sorted(f"{k}: {state[k].dtype} -> {own[k].dtype}" for k in state if k in own and (
+        (state[k].is_complex() and not own[k].is_complex())
+        or (state[k].is_floating_point() and not (own[k].is_floating_point() or own[k].is_complex()))))
+    if lossy:
+        raise CheckpointError(f"could not convert the checkpoint's tensors for model {name!r} without losing "
+                              f"values: {_clip(lossy)}")
     try:
         prepared = {}
         for k, v in state.items():

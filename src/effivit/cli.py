@@ -124,12 +124,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.img_size = args.img_size[0] if len(args.img_size) == 1 else tuple(args.img_size)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"effivit {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
         sys.stderr.close()
         return 0
+    except OSError as e:  # unwritable or missing paths: name the path, one line
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"effivit {args.command}: error:{where} {e.strerror or e}", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError, TypeError, ImportError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__  # one line, whatever the message
+        print(f"effivit {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

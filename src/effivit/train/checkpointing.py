@@ -42,6 +42,19 @@ def check_plain(obj: Any, where: str = "checkpoint") -> None:
     raise TypeError(f"{where} is a {type(obj).__name__}; checkpoints hold only tensors and plain values")
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of writes a killed process never finished (``save_atomic``'s
+    ``.<name>.*.tmp`` and the metrics log's ``*.tmp``); the files they were replacing are intact."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if p.is_file() and p.name.endswith(".tmp")
+             and (p.name.startswith(".") or p.name.startswith("metrics."))]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def save_atomic(obj: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 

@@ -173,7 +173,7 @@ def build_model(name: str, num_classes: int, model_kwargs: dict[str, Any] | None
                 drop_path: float | None = None, pretrained: str | None = None) -> nn.Module:
     """``create_model`` with a new ``num_classes`` head; ``pretrained`` weights keep the backbone, and the
     head too when its shape fits (a checkpoint trained on the same classes)."""
-    from ..checkpoint import CheckpointError, load_checkpoint, load_state_dict
+    from ..checkpoint import load_checkpoint
     from ..factory import create_model
 
     kwargs = dict(model_kwargs or {})
@@ -183,12 +183,8 @@ def build_model(name: str, num_classes: int, model_kwargs: dict[str, Any] | None
         return create_model(name, pretrained=True, num_classes=num_classes, **kwargs)
     model = create_model(name, num_classes=num_classes, **kwargs)
     if pretrained:
-        state = load_state_dict(pretrained)
-        try:
-            load_checkpoint(model, state)
-        except CheckpointError:
-            # Another number of classes: keep the backbone, start a new head (errors elsewhere re-raise here).
-            load_checkpoint(model, state, drop_classifier=True)
+        # Another number of classes keeps the backbone and starts a new head (the dropped keys are logged).
+        load_checkpoint(model, pretrained, adapt_classifier=True)
     return model
 
 
@@ -245,6 +241,9 @@ class _Run:
             torch.use_deterministic_algorithms(True)
             torch.backends.cudnn.benchmark = False
         resume_path = self._resume_path()
+        if info.is_main:
+            for stale in checkpointing.remove_stale_temporaries(self.out):
+                self.print(f"removed {stale.name}: a write interrupted by a killed run")
         if resume_path is None and (self.out / "last.pt").exists() and not cfg.overwrite:
             raise ValueError(f"{self.out} already holds a run (last.pt); pass --resume to continue it, "
                              f"--overwrite to start again, or another --output")
