@@ -42,6 +42,19 @@ def check_input(x: torch.Tensor, in_chans: int, size_divisor: int, min_size: int
 torch.fx.wrap("check_input")
 
 
+def check_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Outside autocast the input must have the model's dtype (a conv would fail deep inside otherwise)."""
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(
+            f"input dtype {x.dtype} does not match the model's {weight.dtype}: cast the input (x.to({weight.dtype})), "
+            f"the model (model.to({x.dtype})), or run under torch.autocast"
+        )
+    return x
+
+
+torch.fx.wrap("check_dtype")
+
+
 def checkpoint_seq(blocks: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Run a sequence of blocks, recomputing each block's activations in backward.
 
@@ -148,7 +161,17 @@ class Backbone(nn.Module):
                 m.grad_checkpointing = enable
 
     def check_input(self, x: torch.Tensor) -> torch.Tensor:
-        return check_input(x, self.in_chans, self.size_divisor, self.min_size)
+        x = check_input(x, self.in_chans, self.size_divisor, self.min_size)
+        if not torch.jit.is_scripting():
+            x = self._check_dtype(x)
+        return x
+
+    @torch.jit.unused
+    def _check_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        # The first weight of rank >= 2 (a conv/linear kernel or a position table): norms may keep fp32
+        # parameters in a half-precision model (deploy.to_dtype), kernels and tables never do.
+        weight = next((p for p in self.parameters() if p.dim() >= 2), None)
+        return x if weight is None else check_dtype(x, weight)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
