@@ -211,7 +211,7 @@ def test_bad_input_is_rejected(family):
     name = smallest_variant(family)
     model = effivit.create_model(name).eval()
     cfg = model.pretrained_cfg
-    divisor, minimum = cfg["size_divisor"], cfg["min_input_size"]
+    divisor, minimum = cfg["size_divisor"], cfg["min_input_size"][-1]
     h, w = small_size(name)
     with pytest.raises(ValueError, match="channels"):
         model(torch.randn(1, 4, h, w))

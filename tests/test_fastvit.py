@@ -97,7 +97,7 @@ def test_pretrained_cfg_matches_timm(name):
     assert ours["crop_pct"] == theirs["crop_pct"]
     assert ours["interpolation"] == theirs["interpolation"]
     assert tuple(ours["mean"]) == tuple(theirs["mean"]) and tuple(ours["std"]) == tuple(theirs["std"])
-    assert ours["size_divisor"] == 1 and ours["min_input_size"] == 1  # padded convs: any size, as timm
+    assert ours["size_divisor"] == 1 and ours["min_input_size"] == (3, 1, 1)  # padded convs: any size, as timm
     assert ours["first_conv"] in theirs["first_conv"] and ours["classifier"] == theirs["classifier"]
 
 

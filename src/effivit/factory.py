@@ -167,7 +167,7 @@ def create_model(
     if img_size is not None:
         h, w = _parse_img_size(img_size)
         check_input(torch.empty(1, in_chans, h, w, device="meta"), in_chans, entry.defaults.size_divisor,
-                    cfg["min_input_size"])
+                    cfg["min_input_size"][-1])
         if entry.defaults.fixed_input_size and (h, w) != tuple(cfg["input_size"][1:]):
             raise ValueError(f"model {entry.name!r} only takes its training size "
                              f"{tuple(cfg['input_size'][1:])}; got img_size={(h, w)}")

@@ -116,7 +116,8 @@ class ModelEntry:
             "input_size": t.input_size if t else d.input_size,
             "fixed_input_size": d.fixed_input_size,
             "size_divisor": d.size_divisor,
-            "min_input_size": d.size_divisor if d.min_input_size is None else d.min_input_size,
+            # timm's convention: (C, H, W) of the smallest input
+            "min_input_size": (3,) + (d.size_divisor if d.min_input_size is None else d.min_input_size,) * 2,
             "crop_pct": t.crop_pct if t else d.crop_pct,
             "crop_mode": "center",
             "interpolation": t.interpolation if t else d.interpolation,
