@@ -49,6 +49,12 @@ class PretrainedTag:
     crop_pct: float
     interpolation: str
     published: Published
+    num_classes: int = 1000
+    crop_mode: str = "center"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    pool_size: tuple[int, int] | None = None
+    test_input_size: tuple[int, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -112,17 +118,19 @@ class ModelEntry:
             "family": d.family,
             "tag": t.tag if t else "",
             "hf_hub_id": t.hf_hub_id if t else "",
-            "num_classes": 1000,
+            "num_classes": t.num_classes if t else 1000,
             "input_size": t.input_size if t else d.input_size,
             "fixed_input_size": d.fixed_input_size,
             "size_divisor": d.size_divisor,
             # timm's convention: (C, H, W) of the smallest input
             "min_input_size": (3,) + (d.size_divisor if d.min_input_size is None else d.min_input_size,) * 2,
             "crop_pct": t.crop_pct if t else d.crop_pct,
-            "crop_mode": "center",
+            "crop_mode": t.crop_mode if t else "center",
             "interpolation": t.interpolation if t else d.interpolation,
-            "mean": d.mean,
-            "std": d.std,
+            "mean": t.mean if t and t.mean else d.mean,
+            "std": t.std if t and t.std else d.std,
+            "pool_size": t.pool_size if t else None,
+            "test_input_size": t.test_input_size if t else None,
             "first_conv": d.first_conv,
             "classifier": d.classifier,
             "has_distill_head": d.has_distill_head,
@@ -152,36 +160,76 @@ def reference_tables() -> tuple[tuple[dict[str, str], ...], dict[tuple[str, int]
     return published, timm_rows
 
 
+@functools.lru_cache(maxsize=1)
+def timm_tag_table() -> dict[str, list[dict[str, str]]]:
+    """timm's released weights per architecture, in timm's order (``data/timm_tags.csv``, written by
+    ``tools/make_timm_tags.py``)."""
+    table: dict[str, list[dict[str, str]]] = {}
+    with (resources.files("effivit") / "data" / "timm_tags.csv").open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            table.setdefault(row["model"].split(".", 1)[0], []).append(row)
+    return table
+
+
+def _hw(text: str) -> tuple[int, int] | None:
+    return tuple(int(v) for v in text.split("x")) if text else None  # type: ignore[return-value]
+
+
+def _published(row: Mapping[str, str] | None, weight: str, img: int) -> Published:
+    _, timm_rows = reference_tables()
+    timm_row = timm_rows.get((weight, img), {})
+    row = row or {}
+    return Published(
+        top1=_float(row.get("top1", "")),
+        params_m=_float(row.get("params_m", "")),
+        gmacs=_float(row.get("gmacs", "")),
+        paper_name=row.get("paper_name", ""),
+        latency_note=row.get("latency_note", ""),
+        source=row.get("source", ""),
+        timm_top1=_float(timm_row.get("top1", "")),
+        timm_params_m=_float(timm_row.get("param_count", "")),
+        timm_gmacs=_float(timm_row.get("infer_gmacs", "")),
+    )
+
+
 def _tags_for(name: str, family: str) -> tuple[PretrainedTag, ...]:
+    """timm's weights of ``name`` in timm's order (the first is the default), then weights only the papers'
+    table lists; each with the published figures where ``published.csv`` has them."""
     published, timm_rows = reference_tables()
+    papers = {row["model"]: row for row in published if row["family"] == family and row["model"].startswith(name + ".")}
     tags = []
-    for row in published:
+    for row in timm_tag_table().get(name, []):
         weight = row["model"]
-        if row["family"] != family or not weight.startswith(name + "."):
+        h, w = _hw(row["input_size"]) or (224, 224)
+        test = _hw(row["test_input_size"])
+        tags.append(PretrainedTag(
+            tag=weight.split(".", 1)[1],
+            hf_hub_id=row["hf_hub_id"] or f"timm/{weight}",
+            input_size=(3, h, w),
+            crop_pct=_float(row["crop_pct"]) or 0.9,
+            interpolation=row["interpolation"] or "bicubic",
+            published=_published(papers.get(weight), weight, h),
+            num_classes=int(row["num_classes"] or 0),
+            crop_mode=row["crop_mode"] or "center",
+            mean=tuple(float(v) for v in row["mean"].split()) or None,
+            std=tuple(float(v) for v in row["std"].split()) or None,
+            pool_size=_hw(row["pool_size"]),
+            test_input_size=(3, *test) if test else None,
+        ))
+    known = {f"{name}.{t.tag}" for t in tags}
+    for weight, row in papers.items():
+        if weight in known:
             continue
         img = int(row["img_size"])
         timm_row = timm_rows.get((weight, img), {})
-        pub = Published(
-            top1=_float(row["top1"]),
-            params_m=_float(row["params_m"]),
-            gmacs=_float(row["gmacs"]),
-            paper_name=row["paper_name"],
-            latency_note=row["latency_note"],
-            source=row["source"],
-            timm_top1=_float(timm_row.get("top1", "")),
-            timm_params_m=_float(timm_row.get("param_count", "")),
-            timm_gmacs=_float(timm_row.get("infer_gmacs", "")),
-        )
-        tags.append(
-            PretrainedTag(
-                tag=weight.split(".", 1)[1],
-                hf_hub_id=f"timm/{weight}",
-                input_size=(3, img, img),
-                crop_pct=_float(timm_row.get("crop_pct", "")) or 0.9,
-                interpolation=timm_row.get("interpolation") or "bicubic",
-                published=pub,
-            )
-        )
+        tags.append(PretrainedTag(
+            tag=weight.split(".", 1)[1],
+            hf_hub_id=f"timm/{weight}",
+            input_size=(3, img, img),
+            crop_pct=_float(timm_row.get("crop_pct", "")) or 0.9,
+            interpolation=timm_row.get("interpolation") or "bicubic",
+            published=_published(row, weight, img),
+        ))
     return tuple(tags)
 
 

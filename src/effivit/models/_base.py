@@ -5,8 +5,6 @@
 ``feature_info`` (a list of ``dict(num_chs, reduction, module)``) and ``pretrained_cfg``/``default_cfg``.
 """
 
-from __future__ import annotations
-
 from typing import Any
 
 import torch
@@ -42,9 +40,17 @@ def check_input(x: torch.Tensor, in_chans: int, size_divisor: int, min_size: int
 torch.fx.wrap("check_input")
 
 
+@torch.jit.unused
+def _autocast_enabled(device_type: str) -> bool:
+    return torch.is_autocast_enabled(device_type)
+
+
 def check_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Outside autocast the input must have the model's dtype (a conv would fail deep inside otherwise)."""
-    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+    """Outside autocast the input must have the model's dtype (a conv would fail deep inside otherwise).
+    TorchScript (an FX graph compiled later) skips it: its autocast query takes no device."""
+    if torch.jit.is_scripting():
+        return x
+    if x.dtype != weight.dtype and not _autocast_enabled(x.device.type):
         raise ValueError(
             f"input dtype {x.dtype} does not match the model's {weight.dtype}: cast the input (x.to({weight.dtype})), "
             f"the model (model.to({x.dtype})), or run under torch.autocast"
@@ -254,7 +260,9 @@ class Backbone(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=pre_logits)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    # No postponed annotations in this file and no return annotation here: FX records this signature for
+    # traced graphs (which TorchScript then compiles), and distilled models may return a pair.
+    def forward(self, x: torch.Tensor):
         return self.forward_head(self.forward_features(x))
 
     @torch.jit.ignore

@@ -314,9 +314,6 @@ class EfficientFormer(DistilledBackbone):
             return x
         return self.classify(x)
 
-    def forward(self, x: torch.Tensor):
-        return self.forward_head(self.forward_features(x))
-
     @torch.jit.ignore
     def forward_intermediates(
         self,

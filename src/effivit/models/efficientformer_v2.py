@@ -433,9 +433,6 @@ class EfficientFormerV2(DistilledBackbone):
             return x
         return self.classify(x)
 
-    def forward(self, x: torch.Tensor):
-        return self.forward_head(self.forward_features(x))
-
     # ---- deploy ---------------------------------------------------------------------------------
     def fuse(self) -> nn.Module:
         """Called by ``deploy.fuse`` after the children are folded: merge the two heads (eval returns their
