@@ -235,6 +235,19 @@ def test_checkpoint_for_another_partition_is_resampled(tiny64):
     assert torch.equal(model.state_dict()["stem.conv1.weight"], ref224.state_dict()["stem.conv1.weight"])
 
 
+@pytest.mark.parametrize("stride,groups", [(2, 1), (2, 8), (1, 8)])
+def test_same_conv_equals_tensorflow_padding(stride, groups):
+    torch.manual_seed(0)
+    conv = SameConv2d(8, 16 if groups == 1 else 8, 3, stride=stride, groups=groups, bias=True)
+    x = _x(2, 8, 12, 10)
+    pad = [0, 1, 0, 1] if stride == 2 else [1, 1, 1, 1]  # TF "SAME" for even sizes: the odd zero at the end
+    with torch.no_grad():
+        expected = F.conv2d(F.pad(x, pad), conv.weight, conv.bias, stride, 0, 1, groups)
+        assert torch.equal(conv(x), expected)
+        assert torch.equal(conv.fuse()(x), expected)
+    assert conv(x).shape[-2:] == (12 // stride, 10 // stride)
+
+
 # ---- fused form -----------------------------------------------------------------------------------------
 
 
@@ -244,9 +257,11 @@ def test_fused_form_has_no_batchnorm_and_equals_unfused(tiny64):
     assert count_batchnorms(ours) > 0 and count_batchnorms(fused) == 0
     assert not any(isinstance(m, MBConvBlock) for m in fused.modules())
     assert sum(isinstance(m, FusedMBConvBlock) for m in fused.modules()) == sum(VARIANTS["maxvit_tiny_tf_224"].depths)
-    # The stride-2 convs keep TensorFlow's asymmetric padding after folding.
-    assert isinstance(fused.stem.conv1, SameConv2d) and fused.stem.conv1.asymmetric
-    assert isinstance(fused.stages[0].blocks[0].conv.conv2, SameConv2d)
+    # The stride-2 convs (TensorFlow's asymmetric padding) become plain 4x4 convs with symmetric padding 1.
+    for conv in (fused.stem.conv1, fused.stages[0].blocks[0].conv.conv2):
+        assert type(conv) is nn.Conv2d and conv.kernel_size == (4, 4) and conv.padding == (1, 1)
+    assert type(fused.stages[0].blocks[1].conv.conv2) is nn.Conv2d
+    assert fused.stages[0].blocks[1].conv.conv2.kernel_size == (3, 3)
     x = _x(2, 3, 64, 64)
     with torch.no_grad():
         y = ref(x)

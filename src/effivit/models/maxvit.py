@@ -22,8 +22,11 @@ Parameter names and numbers follow timm's ``maxxvit.py`` (which carries the offi
 checkpoints load unchanged. How this differs from timm:
 
 * Only the published MaxViT configuration (timm's file also builds CoAtNet/MaxxViT variants).
-* TensorFlow's "SAME" padding of the stride-2 3x3 convs is a fixed (0, 1, 0, 1) zero pad: exact for every
-  accepted size (all stride-2 inputs are even), and static for export (timm pads dynamically).
+* TensorFlow's "SAME" padding of the stride-2 3x3 convs (none before, one row/column after) runs as a 4x4
+  kernel with a leading zero row/column and symmetric padding 1 (``SameConv2d``): exact for every accepted
+  size (all stride-2 inputs are even), no padded copy of the map, static for export (timm pads the map).
+* Maps are stored channels_last from the stem on, so the (B, H, W, C) tokens of the attention blocks are
+  views of the MBConv output (timm: NCHW until the first attention block).
 * The relative-position bias is gathered with one integer index (timm: two einsums against one-hot buffers)
   and cached in eval (``layers/attn_bias.py`` rules); same numbers, bit for bit.
 * A checkpoint whose bias tables were trained for another window is resampled bicubically by
@@ -133,29 +136,42 @@ DEFAULTS = FamilyDefaults(
 
 class SameConv2d(nn.Conv2d):
     """A conv with TensorFlow's "SAME" padding for maps whose size is a multiple of the stride: ``k - s`` zeros
-    per axis, the odd one at the end (bottom/right). Symmetric cases (stride 1) use the conv's own padding;
-    stride 2 with a 3x3 kernel pads (0, 1, 0, 1) first. Parameter names are ``nn.Conv2d``'s."""
+    per axis, the odd one at the end (bottom/right). Parameter names are ``nn.Conv2d``'s.
+
+    Padding (p, p + 1) is computed without padding the map: the kernel gets one leading zero row and column
+    and the conv pads p + 1 on both sides. Output ``r`` then reads rows ``s*r - p - 1 .. s*r - p - 1 + k``:
+    the first meets the zero weight, the other k are TensorFlow's window (``s*r - p ..``), ending at most in
+    the one zero row TensorFlow adds at the bottom. The same numbers (bit for bit in our tests), no copy of
+    the map (``F.pad`` of a 256x112x112 map cost more than the depth-wise conv itself on CPU), and the fused
+    form is one plain ``nn.Conv2d`` (one ONNX ``Conv``).
+    """
 
     def __init__(self, in_chs: int, out_chs: int, kernel_size: int, stride: int = 1, groups: int = 1,
                  bias: bool = False) -> None:
         total = max(kernel_size - stride, 0)
         before, after = total // 2, total - total // 2
-        super().__init__(in_chs, out_chs, kernel_size, stride, padding=before if before == after else 0,
-                         groups=groups, bias=bias)
+        super().__init__(in_chs, out_chs, kernel_size, stride, padding=after, groups=groups, bias=bias)
         self.asymmetric = before != after
-        self.same_pad = [before, after, before, after]  # F.pad order: left, right, top, bottom
+
+    def extended_weight(self) -> torch.Tensor:
+        """The kernel the conv runs: one leading zero row and column when the padding is asymmetric."""
+        if self.asymmetric:
+            return F.pad(self.weight, [1, 0, 1, 0])
+        return self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.asymmetric:
-            x = F.pad(x, self.same_pad)
-        return self._conv_forward(x, self.weight, self.bias)
+        return self._conv_forward(x, self.extended_weight(), self.bias)
 
-
-def _take_weights(conv: nn.Conv2d, folded: nn.Conv2d) -> nn.Conv2d:
-    """``conv`` (its class, stride and padding kept) with the weights and bias of a folded equivalent."""
-    conv.weight = nn.Parameter(folded.weight.detach(), requires_grad=False)
-    conv.bias = nn.Parameter(folded.bias.detach(), requires_grad=False)
-    return conv
+    def fuse(self) -> nn.Module:
+        """A plain ``nn.Conv2d`` with the extended kernel (same function)."""
+        w = self.extended_weight().detach()
+        conv = nn.Conv2d(self.in_channels, self.out_channels, w.shape[-1], self.stride, self.padding,
+                         groups=self.groups, bias=self.bias is not None).to(w)
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias)
+        return conv
 
 
 class Stem(nn.Module):
@@ -169,11 +185,15 @@ class Stem(nn.Module):
         self.conv2 = SameConv2d(out_chs, out_chs, 3, stride=1, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Maps are stored channels_last from here on: the attention blocks read every map as (B, H, W, C)
+        # tokens, which is then a view rather than a copy (and depth-wise convs run several times faster on
+        # CPU in that layout). Values are unchanged.
+        x = x.contiguous(memory_format=torch.channels_last)
         return self.conv2(self.act1(self.norm1(self.conv1(x))))
 
     def fuse(self) -> nn.Module:
         if isinstance(self.norm1, nn.BatchNorm2d):
-            self.conv1 = _take_weights(self.conv1, fuse_conv_bn(self.conv1, self.norm1))
+            self.conv1 = fuse_conv_bn(self.conv1, self.norm1)  # conv1 is a plain Conv2d already (fused first)
             self.norm1 = nn.Identity()
         return self
 
@@ -227,7 +247,7 @@ class MBConvBlock(nn.Module):
         # input side), bn1 folds into its output side; bn2 folds into the depth-wise conv.
         conv1 = fold_affine_into_input(self.conv1_1x1, *bn_scale_shift(self.pre_norm))
         conv1 = fuse_conv_bn(conv1, self.norm1)
-        conv2 = _take_weights(self.conv2_kxk, fuse_conv_bn(self.conv2_kxk, self.norm2))
+        conv2 = fuse_conv_bn(self.conv2_kxk, self.norm2)  # a plain Conv2d already (children fuse first)
         return FusedMBConvBlock(self.shortcut, conv1, conv2, self.se, self.conv3_1x1)
 
 
