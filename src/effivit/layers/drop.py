@@ -12,7 +12,9 @@ def drop_path(x: torch.Tensor, drop_prob: float, training: bool, scale_by_keep: 
     keep = 1.0 - drop_prob
     mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
     if keep > 0.0 and scale_by_keep:
-        mask.div_(keep)
+        # Out of place: an in-place div_ whose result is unused is dead code to FX (torchvision's feature
+        # extractor removes it, and the traced training graph would stop scaling by 1 / keep).
+        mask = mask / keep
     return x * mask
 
 
