@@ -166,8 +166,9 @@ def create_model(
     head_classes = cfg["num_classes"] if num_classes is None else num_classes
     if img_size is not None:
         h, w = _parse_img_size(img_size)
-        check_input(torch.empty(1, in_chans, h, w, device="meta"), in_chans, entry.defaults.size_divisor,
-                    cfg["min_input_size"][-1])
+        if "img_size" not in allowed:  # a builder that takes img_size checks it against its own size rule
+            check_input(torch.empty(1, in_chans, h, w, device="meta"), in_chans, entry.defaults.size_divisor,
+                        cfg["min_input_size"][-1])
         if entry.defaults.fixed_input_size and (h, w) != tuple(cfg["input_size"][1:]):
             raise ValueError(f"model {entry.name!r} only takes its training size "
                              f"{tuple(cfg['input_size'][1:])}; got img_size={(h, w)}")
@@ -177,6 +178,9 @@ def create_model(
     with torch.device(device) if device is not None else contextlib.nullcontext():
         model = entry.builder(entry.config, num_classes=head_classes, in_chans=in_chans, **kwargs)
     cfg["num_classes"] = head_classes
+    if hasattr(model, "size_divisor"):  # the size rule of the model as built (MaxViT's follows img_size)
+        cfg["size_divisor"] = model.size_divisor
+        cfg["min_input_size"] = (in_chans, model.min_size, model.min_size)
     model.pretrained_cfg = cfg
     if img_size is not None and hasattr(model, "set_input_size") and "img_size" not in allowed:
         model.set_input_size(cfg["input_size"][1:])

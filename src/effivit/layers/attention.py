@@ -108,8 +108,9 @@ class Attention(nn.Module):
     The one attention layer of the transformer families (DeiT, EVA-02, MaxViT, Hiera, ...). What differs
     between them is data, not code:
 
-    - ``forward(x, bias=None, rope=None, num_prefix_tokens=0)``: ``bias`` is an additive (heads, N, N) or
-      (B, heads, N, N) tensor (relative-position tables); ``rope`` is a rotary table ``cat(sin, cos)`` of
+    - ``forward(x, bias=None, rope=None, num_prefix_tokens=0)``: ``bias`` is an additive (1, heads, N, N) or
+      (B, heads, N, N) tensor (relative-position tables; pass it 4-D: a 3-D mask sends CPU SDPA to a kernel
+      about 3x slower); ``rope`` is a rotary table ``cat(sin, cos)`` of
       shape (N - num_prefix_tokens, 2 * head_dim) applied to q and k of the patch tokens
       (``layers/rope.py``); windowed attention folds its windows into the batch dimension before calling.
     - ``qkv_bias``: ``True``/``False`` for one fused ``qkv`` Linear (``qkv.weight``, ``qkv.bias``);
