@@ -11,7 +11,8 @@ The substitution: ``timm.create_model`` / ``timm.list_models`` / ``timm.list_pre
 the test module is imported. Listing keeps timm's filters and keeps only names effivit registers. Creation
 passes timm's arguments through; ``feature_cls``/``feature_cfg`` (timm's choice of feature wrapper) are
 dropped because effivit has one ``features_only`` implementation (the getter timm's FX and getter wrappers
-are checked against).
+are checked against). effivit's EfficientViT-MIT joins timm's list of early-pooling heads, where timm's own
+EfficientVit is. Tests of other models (naflexvit, gemma4, regnet) are deselected or fail by design.
 """
 
 from __future__ import annotations
@@ -39,10 +40,20 @@ class EffivitInTimm:
             kwargs.pop("feature_cfg", None)
             return effivit.create_model(model_name, pretrained=pretrained, **kwargs)
 
+        self.early_pool = (effivit.models.efficientvit_mit.EfficientViTMit,)
         timm.list_models = lambda *a, **k: keep(list_models(*a, **k))
         timm.list_pretrained = lambda *a, **k: keep(list_pretrained(*a, **k))
         timm.create_model = create_model
         timm.models.create_model = create_model
+
+
+    def pytest_runtest_setup(self, item) -> None:
+        # timm lists the classes whose head pools before its last layers (no unpooled output); effivit's
+        # EfficientViT-MIT is the same architecture as timm's EfficientVit listed there.
+        module = getattr(item, "module", None)
+        if module is not None and hasattr(module, "EARLY_POOL_MODELS"):
+            if not set(self.early_pool) <= set(module.EARLY_POOL_MODELS):
+                module.EARLY_POOL_MODELS = tuple(module.EARLY_POOL_MODELS) + self.early_pool
 
 
 def main(argv: list[str]) -> int:
