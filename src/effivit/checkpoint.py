@@ -32,8 +32,9 @@ class CheckpointError(ValueError):
 
 def _unwrap(obj: Any, source: str) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping):
-        # Training checkpoints nest the weights; prefer EMA weights like timm does for evaluation.
-        for key in ("state_dict_ema", "model_ema", "state_dict", "model"):
+        # Training checkpoints nest the weights; prefer EMA weights like timm does for evaluation. (Official
+        # Hiera files nest them under "model_state".)
+        for key in ("state_dict_ema", "model_ema", "state_dict", "model", "model_state"):
             inner = obj.get(key)
             if isinstance(inner, Mapping) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
                 obj = inner
