@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def channel_attention(
@@ -93,3 +94,36 @@ def mix_channels(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tenso
     if bias is not None:
         out = out + bias.unsqueeze(-1)
     return out.reshape(b, -1, h, w)
+
+
+class XCA(nn.Module):
+    """Cross-covariance attention over tokens (XCiT's token mixer): one fused ``qkv`` Linear, the channel
+    attention of each head (:func:`cross_covariance_attention`), an output projection.
+
+    Parameter names are timm's (``qkv``, ``proj``, ``temperature``: one learned temperature per head), so
+    XCiT checkpoints load unchanged. Tokens may have any leading layout (B, N, C) or (B, H, W, C): the
+    attention reduces over all positions of an image. Next-ViT's map-based ``attn="xca"`` mixer computes the
+    same attention through :func:`channel_attention` on 1x1-conv projections of a (B, C, H, W) map.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_drop = attn_drop
+        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, ..., 3C) -> 3 x (B, heads, head_dim, N): channels become the "sequence", tokens the reduction.
+        qkv = self.qkv(x).reshape(x.shape[0], -1, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 4, 1)
+        q, k, v = qkv.unbind(0)
+        drop = self.attn_drop if self.training else 0.0
+        out = cross_covariance_attention(q, k, v, self.temperature, drop, self.training)  # B, heads, d, N
+        out = out.permute(0, 3, 1, 2).reshape(x.shape)  # B, ..., C
+        return self.proj_drop(self.proj(out))
