@@ -429,7 +429,7 @@ class XCiT(Backbone):
         h, w = _pair(cfg.img_size if img_size is None else img_size)
         if h <= 0 or w <= 0 or h % cfg.patch_size or w % cfg.patch_size:
             raise ValueError(f"img_size H={h}, W={w} is not allowed: H and W must be positive multiples of "
-                             f"the patch size {cfg.patch_size}")
+                             f"{cfg.patch_size} (the patch size)")
         dim = cfg.embed_dim
         dp = cfg.drop_path_rate if drop_path_rate is None else drop_path_rate
         self.img_size = (h, w)  # the size the model is set up for; the position encoding follows the input
