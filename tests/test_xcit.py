@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import assert_close, randomize_norm_stats, scale_classifier
 from torch import nn
 
@@ -15,7 +14,7 @@ import effivit
 from effivit.deploy import export_onnx, fuse
 from effivit.deploy.fuse import count_batchnorms
 from effivit.layers.xca import XCA
-from effivit.models.xcit import LPI, FourierPosEmbed, padding_correction
+from effivit.models.xcit import LPI, FourierPosEmbed, shift_response
 from effivit.registry import get_entry, with_config
 
 timm = pytest.importorskip("timm")
@@ -221,17 +220,20 @@ def test_optimizer_groups_match_timm():
 # ---- fused form -----------------------------------------------------------------------------------------------
 
 
-def test_padding_correction_matches_a_brute_force_conv():
-    g = torch.Generator().manual_seed(0)
-    kernel = torch.randn(5, 1, 3, 3, generator=g, dtype=torch.float64)
-    for h, w in ((1, 1), (2, 3), (6, 4)):
-        # What a constant 1 per channel gives through a zero-padded depth-wise conv, minus the interior value.
-        full = F.conv2d(torch.ones(1, 5, h, w, dtype=torch.float64), kernel, padding=1, groups=5)[0]
-        expected = (full - kernel.sum((1, 2, 3))[:, None, None]).permute(1, 2, 0)
-        got = padding_correction(kernel, h, w)
-        assert_close(got, expected, 1e-12, f"padding correction {h}x{w}")
-        if h > 2 and w > 2:
-            assert torch.all(got[1:-1, 1:-1] == 0)  # exactly zero in the interior
+def test_shift_response_counts_the_taps_inside_the_map():
+    kernel = torch.arange(1.0, 10.0, dtype=torch.float64).reshape(1, 1, 3, 3).repeat(2, 1, 1, 1)
+    kernel[1] *= -2
+    k = kernel[0, 0]
+    for h, w in ((1, 1), (2, 3), (5, 4)):
+        got = shift_response(kernel, h, w)
+        assert got.shape == (h, w, 2)
+        for i in range(h):
+            for j in range(w):
+                # Taps (a, b) read row i + a - 1 and column j + b - 1: keep those inside the map.
+                rows = [a for a in range(3) if 0 <= i + a - 1 < h]
+                cols = [b for b in range(3) if 0 <= j + b - 1 < w]
+                inside = k[rows][:, cols].sum()
+                assert got[i, j, 0] == inside and got[i, j, 1] == -2 * inside, (h, w, i, j)
 
 
 def test_lpi_batchnorm_fold_is_exact_at_the_border():
@@ -246,8 +248,9 @@ def test_lpi_batchnorm_fold_is_exact_at_the_border():
         fused = fuse(lpi)
         assert count_batchnorms(fused) == 0
         assert_close(fused(x), expected, 1e-5, "fused LPI")
-        # Without the border correction the fold would be off on the border only.
+        # Folding the shift into conv2's bias (sum of the taps) would be right inside and wrong on the border.
         naive = fused.conv2(fused.act(fused.conv1(x.permute(0, 3, 1, 2)))).permute(0, 2, 3, 1)
+        naive = naive + fused.shift_kernel.sum((1, 2, 3))
         assert (naive - expected)[:, 1:-1, 1:-1].abs().max() < 1e-5
         assert (naive - expected).abs().max() > 0.1
 

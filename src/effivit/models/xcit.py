@@ -19,9 +19,9 @@ unchanged; ``checkpoint_filter`` also reads the official files (``pos_embeder.*`
 * XCA is ``layers.xca.XCA`` (shared with Next-ViT's ``attn="xca"`` through ``layers.xca``); class attention
   runs on the shared ``layers.attention.attend`` (SDPA) with the query from the class token only.
 * ``deploy.fuse``: the patch embedding's BatchNorms fold into their convs; LPI's BatchNorm (between GELU and
-  the second depth-wise conv) folds into that conv, exactly: its scale into the weights, its shift into the
-  bias, and the shift's missing contribution at the zero-padded border as a small correction computed from
-  the grid (:func:`padding_correction`); every layer scale folds into the projection before it (XCA's
+  the second depth-wise conv) folds into that conv, exactly: its scale into the weights; its shift, which the
+  conv sees through the taps inside the map only (zero padding), as the conv's response to a constant map,
+  computed for the grid (:func:`shift_response`; a per-channel bias would be wrong at the border); every layer scale folds into the projection before it (XCA's
   ``proj``, LPI's second conv, the MLPs' ``fc2``, class attention's ``proj``); class attention computes k and
   v with one Linear. The class-attention layer scale also multiplies the normalised patch tokens (there is
   no projection to fold it into there), so that product stays.
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -193,38 +194,26 @@ class ConvPatchEmbed(nn.Module):
 # ---- local patch interaction --------------------------------------------------------------------------
 
 
-def _outside(size: int, kernel: int, like: torch.Tensor) -> torch.Tensor:
-    """(size, kernel): 1 where tap ``a`` of a 'same'-padded stride-1 conv at position ``i`` reads padding."""
-    pos = torch.arange(size, device=like.device)[:, None] + torch.arange(kernel, device=like.device)[None, :]
-    pos = pos - kernel // 2
-    return ((pos < 0) | (pos >= size)).to(like.dtype)
+def shift_response(kernel: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """What a constant 1 per channel gives through a zero-padded ('same', stride 1) depth-wise conv with
+    ``kernel`` (C, 1, k, k) and no bias, on an H x W grid: (H, W, C).
 
-
-def padding_correction(kernel: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """What a per-channel constant input loses at a zero-padded border, for a depth-wise conv: (H, W, C).
-
-    ``kernel`` (C, 1, kh, kw) holds the constant's contribution through each tap (weight * constant). A fold
-    adds the sum of all taps to the conv's bias; at position (i, j) the taps that read padding must be taken
-    off again: ``-sum_{(a, b) outside} kernel[c, a, b]``. "Outside" is "row outside, or row inside and column
-    outside", so the sum splits into a per-row term and a rows x columns product (exact zeros in the interior).
+    The sum of all taps in the interior, less at the border, where some taps read padding. One depth-wise conv
+    of a single all-ones image: 1/B of the cost of the conv it corrects, three small ops per block.
     """
-    c, kh, kw = kernel.shape[0], kernel.shape[-2], kernel.shape[-1]
-    k = kernel.reshape(c, kh, kw)
-    rows_out = _outside(height, kh, k)  # H, kh
-    cols_out = _outside(width, kw, k)  # W, kw
-    by_row = k.sum(-1) @ rows_out.t()  # C, H: rows that read padding, every column
-    by_col = (1.0 - rows_out) @ k @ cols_out.t()  # C, H, W: rows inside, columns that read padding
-    return -(by_row[:, :, None] + by_col).permute(1, 2, 0)
+    c, k = kernel.shape[0], kernel.shape[-1]
+    ones = kernel.new_ones((1, c, height, width))
+    return F.conv2d(ones, kernel, None, 1, k // 2, 1, c)[0].permute(1, 2, 0)
 
 
-torch.fx.wrap("padding_correction")
+torch.fx.wrap("shift_response")
 
 
 class LPI(nn.Module):
     """Local patch interaction: depth-wise 3x3 conv, GELU, BatchNorm, depth-wise 3x3 conv, on the token grid.
 
     Takes and returns (B, H, W, C) tokens; the convs see a channels_last view of them (no copy). Fused, the
-    BatchNorm lives in ``conv2`` plus the border correction ``edge_kernel`` (see :func:`padding_correction`).
+    BatchNorm's scale lives in ``conv2`` and its shift in ``shift_kernel`` (see :func:`shift_response`).
     """
 
     def __init__(self, dim: int, kernel_size: int = 3) -> None:
@@ -234,40 +223,39 @@ class LPI(nn.Module):
         self.act = nn.GELU()
         self.bn = nn.BatchNorm2d(dim)
         self.conv2 = nn.Conv2d(dim, dim, kernel_size, padding=padding, groups=dim)
-        self.register_buffer("edge_kernel", None)  # set by fuse()
+        self.register_buffer("shift_kernel", None)  # set by fuse()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv2(self.bn(self.act(self.conv1(x.permute(0, 3, 1, 2)))))
         y = y.permute(0, 2, 3, 1)
-        edge = self.edge_kernel
-        if edge is not None:
-            y = y + padding_correction(edge, y.shape[1], y.shape[2])
+        shift = self.shift_kernel
+        if shift is not None:
+            y = y + shift_response(shift, y.shape[1], y.shape[2])
         return y
 
     def fuse(self) -> nn.Module:
         if isinstance(self.bn, nn.BatchNorm2d):
             # conv2(x * s + t) with zero padding = conv2 with weights w * s, plus the constant t seen through
-            # the taps inside the map: sum(w * t) in the interior (into the bias), less at the border.
+            # the taps inside the map (the conv's response to a constant map, computed per grid).
             scale, shift = bn_scale_shift(self.bn)
             w = self.conv2.weight.detach()
-            edge = w * shift.reshape(-1, 1, 1, 1)
             conv = nn.Conv2d(w.shape[0], w.shape[0], self.conv2.kernel_size, padding=self.conv2.padding,
-                             groups=self.conv2.groups).to(w)
+                             groups=self.conv2.groups, bias=self.conv2.bias is not None).to(w)
             with torch.no_grad():
                 conv.weight.copy_(w * scale.reshape(-1, 1, 1, 1))
-                bias = self.conv2.bias.detach() if self.conv2.bias is not None else torch.zeros_like(shift)
-                conv.bias.copy_(bias + edge.sum((1, 2, 3)))
+                if self.conv2.bias is not None:
+                    conv.bias.copy_(self.conv2.bias)
             self.conv2 = conv
             self.bn = nn.Identity()
-            self.edge_kernel = edge
+            self.shift_kernel = w * shift.reshape(-1, 1, 1, 1)
         return self
 
     def scale_output(self, gamma: torch.Tensor) -> None:
-        """Fold a per-channel scale of the output (a layer scale) into conv2 and the border correction."""
+        """Fold a per-channel scale of the output (a layer scale) into conv2 and the folded shift."""
         gamma = gamma.detach()
         self.conv2 = fold_affine_into_output(self.conv2, gamma)
-        if self.edge_kernel is not None:
-            self.edge_kernel = self.edge_kernel * gamma.reshape(-1, 1, 1, 1)
+        if self.shift_kernel is not None:
+            self.shift_kernel = self.shift_kernel * gamma.reshape(-1, 1, 1, 1)
 
 
 # ---- blocks -------------------------------------------------------------------------------------------
