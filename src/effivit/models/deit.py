@@ -241,6 +241,10 @@ class VisionTransformer(Backbone):
         ref = self.cls_token
         self.head = self._new_head(num_classes).to(ref.device, ref.dtype).train(self.training)
 
+    def _stem_names(self) -> list[str]:
+        # The embedding modules (the tokens and the position table are parameters of the model itself).
+        return ["patch_embed"]
+
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """timm's grouping for layer-wise learning-rate decay: embeddings first, one group per block, the final
