@@ -423,7 +423,10 @@ class MaxViT(Backbone):
                     nn.init.zeros_(m.bias)
 
     def check_input(self, x: torch.Tensor) -> torch.Tensor:
-        return check_partition_input(x, self.in_chans, self.size_divisor_hw[0], self.size_divisor_hw[1])
+        x = check_partition_input(x, self.in_chans, self.size_divisor_hw[0], self.size_divisor_hw[1])
+        if not torch.jit.is_scripting():
+            x = self._check_dtype(x)  # the model's dtype outside autocast (Backbone)
+        return x
 
     # ---- features: the stem is feature 0, as in timm -----------------------------------------------------
     @torch.jit.ignore
