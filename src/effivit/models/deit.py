@@ -342,8 +342,6 @@ class VisionTransformer(Backbone):
         x = self.head_drop(self.fc_norm(self.pool(x)))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor):
-        return self.forward_head(self.forward_features(x))
 
     @torch.jit.ignore
     def forward_intermediates(

@@ -560,8 +560,6 @@ class XCiT(Backbone):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     @torch.jit.ignore
     def forward_intermediates(
