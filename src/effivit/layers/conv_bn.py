@@ -10,10 +10,12 @@ from torch import nn
 from ..deploy.fold import fuse_bn_linear, fuse_conv_bn, fuse_linear_bn
 
 
-class ConvNorm(nn.Module):
-    """``act(norm(conv(x)))`` with a bias-free conv; ``fuse()`` folds the norm into the conv.
+class ConvNorm(nn.Sequential):
+    """``act(norm(conv(x)))``; ``fuse()`` folds the norm into the conv.
 
-    ``padding=None`` means "same" padding for odd kernels (``(k - 1) // 2 * dilation``).
+    ``padding=None`` means "same" padding for odd kernels (``(k - 1) // 2 * dilation``). ``names`` are the
+    conv's and the norm's attribute names, so each family keeps its reference's state-dict keys (timm says
+    ``c``/``bn`` in RepViT, ``conv``/``bn`` in EfficientViT-MSRA and EfficientFormerV2); the maths is one.
     """
 
     def __init__(
@@ -29,23 +31,24 @@ class ConvNorm(nn.Module):
         act_layer: Callable[[], nn.Module] | None = None,
         bn_weight_init: float = 1.0,
         bias: bool = False,
+        names: tuple[str, str] = ("conv", "norm"),
     ) -> None:
         super().__init__()
         if padding is None:
             padding = (kernel_size - 1) // 2 * dilation
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, dilation, groups, bias=bias)
+        conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, dilation, groups, bias=bias)
         # norm_layer=None: a plain conv (usually with bias=True), for blocks that drop some norms.
-        self.norm = norm_layer(out_chs) if norm_layer is not None else nn.Identity()
-        if bn_weight_init != 1.0 and getattr(self.norm, "weight", None) is not None:
-            nn.init.constant_(self.norm.weight, bn_weight_init)
-        self.act = act_layer() if act_layer is not None else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(self.conv(x)))
+        norm = norm_layer(out_chs) if norm_layer is not None else nn.Identity()
+        if bn_weight_init != 1.0 and getattr(norm, "weight", None) is not None:
+            nn.init.constant_(norm.weight, bn_weight_init)
+        self.add_module(names[0], conv)
+        self.add_module(names[1], norm)
+        self.add_module("act", act_layer() if act_layer is not None else nn.Identity())
 
     def fuse(self) -> nn.Module:
-        conv = self.conv if isinstance(self.norm, nn.Identity) else fuse_conv_bn(self.conv, self.norm)
-        return conv if isinstance(self.act, nn.Identity) else nn.Sequential(conv, self.act)
+        conv, norm, act = self[0], self[1], self[2]
+        conv = conv if isinstance(norm, nn.Identity) else fuse_conv_bn(conv, norm)
+        return conv if isinstance(act, nn.Identity) else nn.Sequential(conv, act)
 
 
 # ---- LeViT-style pairs (key names ``linear``/``bn``, as in timm's LeViT and the official checkpoints) ----
@@ -87,44 +90,20 @@ class LinearNorm2d(nn.Module):
         return fuse_conv_bn(self.linear, self.bn)
 
 
-class NormLinear(nn.Module):
-    """BatchNorm1d -> dropout -> Linear (LeViT's classifier). ``fuse()`` folds the norm into the Linear."""
+class NormLinear(nn.Sequential):
+    """BatchNorm1d -> dropout -> Linear (LeViT's and RepViT's classifier; timm names the linear ``linear`` in
+    LeViT and ``l`` in RepViT). ``fuse()`` folds the norm into the Linear."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, drop: float = 0.0,
-                 std: float = 0.02) -> None:
+                 std: float = 0.02, linear_name: str = "linear") -> None:
         super().__init__()
         self.bn = nn.BatchNorm1d(in_features)
         self.drop = nn.Dropout(drop)
-        self.linear = nn.Linear(in_features, out_features, bias=bias)
-        nn.init.trunc_normal_(self.linear.weight, std=std)
-        if self.linear.bias is not None:
-            nn.init.zeros_(self.linear.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.drop(self.bn(x)))
+        linear = nn.Linear(in_features, out_features, bias=bias)
+        nn.init.trunc_normal_(linear.weight, std=std)
+        if linear.bias is not None:
+            nn.init.zeros_(linear.bias)
+        self.add_module(linear_name, linear)
 
     def fuse(self) -> nn.Module:
-        return fuse_bn_linear(self.bn, self.linear)
-
-
-class ConvBnAct(nn.Module):
-    """``act(bn(conv(x)))`` under timm's ``ConvNorm``/``ConvNormAct`` key names (``conv``, ``bn``), with an
-    optional conv bias (EfficientFormerV2 keeps one before its norms). ``padding=None`` is "same" for odd
-    kernels. ``fuse()`` -> the conv (plus the activation)."""
-
-    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1,
-                 padding: int | None = None, groups: int = 1, bias: bool = True,
-                 act_layer: Callable[[], nn.Module] | None = None) -> None:
-        super().__init__()
-        if padding is None:
-            padding = (kernel_size - 1) // 2
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, groups=groups, bias=bias)
-        self.bn = nn.BatchNorm2d(out_chs)
-        self.act = act_layer() if act_layer is not None else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
-
-    def fuse(self) -> nn.Module:
-        conv = fuse_conv_bn(self.conv, self.bn)
-        return conv if isinstance(self.act, nn.Identity) else nn.Sequential(conv, self.act)
+        return fuse_bn_linear(self[0], self[2])

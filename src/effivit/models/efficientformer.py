@@ -10,9 +10,10 @@ How this differs from the reference:
 * Any input size (a multiple of 32). The 3D part keeps tokens as ``(B, H, W, C)`` so the attention knows its
   grid; the bias table (trained for 7x7 tokens at 224) is resampled bicubically on other grids
   (:mod:`effivit.layers.attn_bias`). At 224 logits equal timm's. ``set_input_size`` prepares a deploy size.
-  ``forward_features`` returns (B, C, H, W), as every effivit model does (timm's returns (B, N, C)).
-* timm's V1 files carry the derived ``attention_bias_idxs`` buffer: :func:`checkpoint_filter` accepts it,
-  checks it against the index we derive and drops it (a wrong one raises); ``state_dict()`` never has it.
+  ``forward_features`` returns timm's (B, N, C) tokens.
+* timm's V1 state dict has the derived ``attention_bias_idxs`` buffer, and so does ours (keys equal timm's).
+  :func:`checkpoint_filter` checks a loaded one against the index we derive (a wrong one raises) and fills it
+  in for files that lack it; forward gathers the bias for the input's own grid and never reads it.
 * ``deploy.fuse`` folds every Conv-BN pair, folds both layer scales of the MLPs and the attention's output
   projection into the preceding conv/linear, writes the pool mixer as ``addcmul(x, ls, pool(x) - x)``,
   merges the two classifier heads into one Linear and caches the gathered attention bias.
@@ -96,6 +97,9 @@ class Attention(AttentionBiasBase):
         self.qkv = nn.Linear(dim, num_heads * (2 * key_dim + self.val_dim))
         self.proj = nn.Linear(num_heads * self.val_dim, dim)
         self.init_attention_bias(num_heads, resolution)
+        # timm keeps the training grid's index in the state dict; forward never reads it (the bias is
+        # gathered for the input's grid), it is here so the keys, and files saved from either, are timm's.
+        self.register_buffer("attention_bias_idxs", offset_index(*self.bias_resolution, self.bias_stride))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
@@ -358,23 +362,26 @@ class EfficientFormer(DistilledBackbone):
 
 
 def checkpoint_filter(state: dict[str, torch.Tensor], model: EfficientFormer) -> dict[str, torch.Tensor]:
-    """timm's V1 files store ``attention_bias_idxs`` (derived from the 7x7 training grid). Accept it, check it
-    equals the index we derive for the module's trained grid, and drop it: ours is computed from the input."""
-    modules = dict(model.named_modules())
-    out = {}
-    for k, v in state.items():
-        if k.endswith("attention_bias_idxs"):
-            owner = modules.get(k[: -len(".attention_bias_idxs")])
-            if not isinstance(owner, AttentionBiasBase):
-                raise CheckpointError(f"{k}: no attention module of this model owns this bias index")
-            expected = offset_index(*owner.bias_resolution, owner.bias_stride)
-            if tuple(v.shape) != tuple(expected.shape) or not torch.equal(v.to(torch.long).cpu(), expected):
-                raise CheckpointError(
-                    f"{k} does not match the offset index of a {owner.bias_resolution} grid "
-                    f"(|dy| * W + |dx|): the checkpoint's attention biases would be read in another order"
-                )
-            continue
-        out[k] = v
+    """``attention_bias_idxs`` is derived from the 7x7 training grid: a loaded one must equal the index we
+    derive for the module's trained grid (else its biases would be read in another order), and a file
+    without it (an older effivit file) gets the derived one."""
+    owners = {f"{n}.attention_bias_idxs": m for n, m in model.named_modules() if isinstance(m, Attention)}
+    for k in state:
+        if k.endswith("attention_bias_idxs") and k not in owners:
+            raise CheckpointError(f"{k}: no attention module of this model owns this bias index")
+    out = dict(state)
+    for k, owner in owners.items():
+        expected = offset_index(*owner.bias_resolution, owner.bias_stride)
+        v = out.get(k)
+        if v is None:
+            prefix = k[: -len("attention_bias_idxs")]
+            if any(key.startswith(prefix) for key in out):
+                out[k] = expected
+        elif tuple(v.shape) != tuple(expected.shape) or not torch.equal(v.to(torch.long).cpu(), expected):
+            raise CheckpointError(
+                f"{k} does not match the offset index of a {owner.bias_resolution} grid "
+                f"(|dy| * W + |dx|): the checkpoint's attention biases would be read in another order"
+            )
     return out
 
 

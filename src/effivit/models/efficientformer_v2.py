@@ -25,6 +25,7 @@ How this differs from the reference:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,7 @@ from ..layers.attn_bias import (
     fold_scale_into_rows,
     query_grid,
 )
-from ..layers.conv_bn import ConvBnAct
+from ..layers.conv_bn import ConvNorm
 from ..layers.drop import drop_path_rates
 from ..layers.norm import ChannelAffine
 from ..registry import FamilyDefaults, register_family
@@ -116,8 +117,15 @@ def _cat_convs(convs: list[nn.Conv2d]) -> nn.Conv2d:
     return out
 
 
+def _conv_bn(in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, padding: int | None = None,
+             groups: int = 1, act_layer: Callable[[], nn.Module] | None = None) -> ConvNorm:
+    """Conv (with the bias EfficientFormerV2 keeps before its norms) + BatchNorm under timm's keys ``conv``/``bn``."""
+    return ConvNorm(in_chs, out_chs, kernel_size, stride, padding, groups, act_layer=act_layer, bias=True,
+                    names=("conv", "bn"))
+
+
 def _as_conv(m: nn.Module) -> nn.Conv2d:
-    """A ConvBnAct without activation, fused or not, as one conv."""
+    """A conv-BN pair without activation, fused or not, as one conv."""
     return m if isinstance(m, nn.Conv2d) else m.fuse()
 
 
@@ -140,18 +148,18 @@ class Attention2d(AttentionBiasBase):
         self.has_stride = stride is not None
         if stride is not None:
             resolution = query_grid(resolution[0], resolution[1], stride)
-            self.stride_conv = ConvBnAct(dim, dim, 3, stride=stride, groups=dim)
+            self.stride_conv = _conv_bn(dim, dim, 3, stride=stride, groups=dim)
         else:
             self.stride_conv = nn.Identity()
         kh = key_dim * num_heads
-        self.q = ConvBnAct(dim, kh)
-        self.k = ConvBnAct(dim, kh)
-        self.v = ConvBnAct(dim, self.dh)
-        self.v_local = ConvBnAct(self.dh, self.dh, 3, groups=self.dh)
+        self.q = _conv_bn(dim, kh)
+        self.k = _conv_bn(dim, kh)
+        self.v = _conv_bn(dim, self.dh)
+        self.v_local = _conv_bn(self.dh, self.dh, 3, groups=self.dh)
         self.talking_head1 = nn.Conv2d(num_heads, num_heads, 1)
         self.talking_head2 = nn.Conv2d(num_heads, num_heads, 1)
         self.act = nn.GELU()
-        self.proj = ConvBnAct(self.dh, dim)
+        self.proj = _conv_bn(self.dh, dim)
         self.fused_qkv = False
         self.init_attention_bias(num_heads, resolution)
 
@@ -227,7 +235,7 @@ class LocalGlobalQuery(nn.Module):
         super().__init__()
         self.pool = nn.AvgPool2d(1, 2, 0)
         self.local = nn.Conv2d(in_dim, in_dim, 3, 2, 1, groups=in_dim)
-        self.proj = ConvBnAct(in_dim, out_dim)
+        self.proj = _conv_bn(in_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.local(x) + self.pool(x))
@@ -258,11 +266,11 @@ class Attention2dDownsample(AttentionBiasBase):
         self.scale = key_dim**-0.5
         kh = key_dim * num_heads
         self.q = LocalGlobalQuery(dim, kh)
-        self.k = ConvBnAct(dim, kh)
-        self.v = ConvBnAct(dim, self.dh)
-        self.v_local = ConvBnAct(self.dh, self.dh, 3, stride=2, groups=self.dh)
+        self.k = _conv_bn(dim, kh)
+        self.v = _conv_bn(dim, self.dh)
+        self.v_local = _conv_bn(self.dh, self.dh, 3, stride=2, groups=self.dh)
         self.act = nn.GELU()
-        self.proj = ConvBnAct(self.dh, out_dim)
+        self.proj = _conv_bn(self.dh, out_dim)
         self.fused_kv = False
         self.init_attention_bias(num_heads, resolution, stride=2)
 
@@ -305,10 +313,10 @@ class ConvMlpWithNorm(nn.Module):
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
         super().__init__()
-        self.fc1 = ConvBnAct(dim, hidden, act_layer=nn.GELU)
-        self.mid = ConvBnAct(hidden, hidden, 3, groups=hidden, act_layer=nn.GELU)
+        self.fc1 = _conv_bn(dim, hidden, act_layer=nn.GELU)
+        self.mid = _conv_bn(hidden, hidden, 3, groups=hidden, act_layer=nn.GELU)
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = ConvBnAct(hidden, dim)
+        self.fc2 = _conv_bn(hidden, dim)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -345,8 +353,8 @@ class EfficientFormerV2Block(nn.Module):
             self.ls1 = nn.Identity()
         if isinstance(self.ls2, LayerScale2d):
             mlp = self.mlp
-            fc1 = mlp.fc1 if isinstance(mlp.fc1, nn.Sequential) else mlp.fc1.fuse()
-            mid = mlp.mid if isinstance(mlp.mid, nn.Sequential) else mlp.mid.fuse()
+            fc1 = mlp.fc1.fuse() if isinstance(mlp.fc1, ConvNorm) else mlp.fc1
+            mid = mlp.mid.fuse() if isinstance(mlp.mid, ConvNorm) else mlp.mid
             fc2 = fold_affine_into_output(_as_conv(mlp.fc2), self.ls2.gamma)
             self.mlp = nn.Sequential(*fc1, *mid, fc2)
             self.ls2 = nn.Identity()
@@ -358,7 +366,7 @@ class Downsample(nn.Module):
 
     def __init__(self, in_chs: int, out_chs: int, use_attn: bool, resolution: tuple[int, int]) -> None:
         super().__init__()
-        self.conv = ConvBnAct(in_chs, out_chs, 3, stride=2, padding=1)
+        self.conv = _conv_bn(in_chs, out_chs, 3, stride=2, padding=1)
         self.attn = Attention2dDownsample(in_chs, out_chs, resolution=resolution) if use_attn else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -373,8 +381,8 @@ class Stem4(nn.Sequential):
 
     def __init__(self, in_chs: int, out_chs: int) -> None:
         super().__init__()
-        self.conv1 = ConvBnAct(in_chs, out_chs // 2, 3, stride=2, padding=1, act_layer=nn.GELU)
-        self.conv2 = ConvBnAct(out_chs // 2, out_chs, 3, stride=2, padding=1, act_layer=nn.GELU)
+        self.conv1 = _conv_bn(in_chs, out_chs // 2, 3, stride=2, padding=1, act_layer=nn.GELU)
+        self.conv2 = _conv_bn(out_chs // 2, out_chs, 3, stride=2, padding=1, act_layer=nn.GELU)
 
 
 class EfficientFormerV2(DistilledBackbone):

@@ -3,9 +3,8 @@
 A block is ``dw conv -> FFN -> window attention -> dw conv -> FFN``, each with a residual. The attention
 gives each head its own slice of the channels, and feeds each head's output into the next head's input
 (the cascade); each head adds a learned bias indexed by relative offset inside the window
-(``layers.attn_bias``). Parameter names follow timm's checkpoints except that Conv-BN pairs are the shared
-``layers.ConvNorm`` (``.norm`` where timm says ``.bn``); :func:`checkpoint_filter` maps the names, so
-``efficientvit_m*`` weights load unchanged.
+(``layers.attn_bias``). State-dict keys are timm's (Conv-BN pairs are the shared ``layers.ConvNorm`` under
+timm's names ``conv``/``bn``), so ``efficientvit_m*`` weights load unchanged.
 
 Resolution. The stem has stride 16 and the three stages run at strides 16, 32 and 64; there is no stride-4
 or stride-8 map, so ``feature_info`` (and ``features_only``) has three levels, not four. Inputs may be any
@@ -108,6 +107,7 @@ DEFAULTS = FamilyDefaults(
 )
 
 _relu = nn.ReLU
+BN = ("conv", "bn")  # timm's names for a conv-BN pair here
 
 
 class Residual(nn.Module):
@@ -141,7 +141,7 @@ class Residual(nn.Module):
 
 
 def _dw_conv(dim: int, bn_weight_init: float = 1.0) -> ConvNorm:
-    return ConvNorm(dim, dim, 3, groups=dim, bn_weight_init=bn_weight_init)
+    return ConvNorm(dim, dim, 3, groups=dim, bn_weight_init=bn_weight_init, names=BN)
 
 
 class ConvMlp(nn.Module):
@@ -149,8 +149,8 @@ class ConvMlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.pw1 = ConvNorm(dim, hidden, 1, act_layer=_relu)
-        self.pw2 = ConvNorm(hidden, dim, 1, bn_weight_init=0.0)
+        self.pw1 = ConvNorm(dim, hidden, 1, act_layer=_relu, names=BN)
+        self.pw2 = ConvNorm(hidden, dim, 1, bn_weight_init=0.0, names=BN)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pw2(self.pw1(x))
@@ -162,10 +162,10 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int, out_dim: int) -> None:
         super().__init__()
         hidden = dim * 4
-        self.conv1 = ConvNorm(dim, hidden, 1, act_layer=_relu)
-        self.conv2 = ConvNorm(hidden, hidden, 3, stride=2, groups=hidden, act_layer=_relu)
+        self.conv1 = ConvNorm(dim, hidden, 1, act_layer=_relu, names=BN)
+        self.conv2 = ConvNorm(hidden, hidden, 3, stride=2, groups=hidden, act_layer=_relu, names=BN)
         self.se = SqueezeExcite(hidden, rd_ratio=0.25)
-        self.conv3 = ConvNorm(hidden, out_dim, 1)
+        self.conv3 = ConvNorm(hidden, out_dim, 1, names=BN)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv3(self.se(self.conv2(self.conv1(x))))
@@ -205,12 +205,13 @@ class CascadedGroupAttention(AttentionBiasBase):
         self.val_dim = dim // num_heads
         self.scale = key_dim**-0.5
         self.qkvs = nn.ModuleList(
-            ConvNorm(dim // num_heads, 2 * key_dim + self.val_dim, 1) for _ in range(num_heads)
+            ConvNorm(dim // num_heads, 2 * key_dim + self.val_dim, 1, names=BN) for _ in range(num_heads)
         )
         self.dws = nn.ModuleList(
-            ConvNorm(key_dim, key_dim, kernels[i], groups=key_dim) for i in range(num_heads)
+            ConvNorm(key_dim, key_dim, kernels[i], groups=key_dim, names=BN) for i in range(num_heads)
         )
-        self.proj = nn.Sequential(_relu(), ConvNorm(self.val_dim * num_heads, dim, 1, bn_weight_init=0.0))
+        self.proj = nn.Sequential(_relu(), ConvNorm(self.val_dim * num_heads, dim, 1, bn_weight_init=0.0,
+                                                           names=BN))
         self.init_attention_bias(num_heads, window)
         self.window = window
         # Set by fuse(): the q depth-wise convs are WindowDepthwise matrices for the window size.
@@ -406,10 +407,10 @@ class EfficientViTMsra(Backbone):
         super().__init__(in_chans, num_classes, DEFAULTS.size_divisor, DEFAULTS.min_input_size)
         d0 = cfg.embed_dim[0]
         self.patch_embed = nn.Sequential(OrderedDict([
-            ("conv1", ConvNorm(in_chans, d0 // 8, 3, stride=2, act_layer=_relu)),
-            ("conv2", ConvNorm(d0 // 8, d0 // 4, 3, stride=2, act_layer=_relu)),
-            ("conv3", ConvNorm(d0 // 4, d0 // 2, 3, stride=2, act_layer=_relu)),
-            ("conv4", ConvNorm(d0 // 2, d0, 3, stride=2)),
+            ("conv1", ConvNorm(in_chans, d0 // 8, 3, stride=2, act_layer=_relu, names=BN)),
+            ("conv2", ConvNorm(d0 // 8, d0 // 4, 3, stride=2, act_layer=_relu, names=BN)),
+            ("conv3", ConvNorm(d0 // 4, d0 // 2, 3, stride=2, act_layer=_relu, names=BN)),
+            ("conv4", ConvNorm(d0 // 2, d0, 3, stride=2, names=BN)),
         ]))
         windows = cfg.windows()
         dpr = [r for rates in drop_path_rates(drop_path_rate, cfg.depth) for r in rates]
@@ -441,21 +442,14 @@ class EfficientViTMsra(Backbone):
 
 
 def checkpoint_filter(state: dict[str, torch.Tensor], model: EfficientViTMsra) -> dict[str, torch.Tensor]:
-    """timm -> effivit names: Conv-BN pairs say ``.norm.`` for timm's ``.bn.``; timm's bias index buffers
-    (derived data) are dropped; the head's norm is dropped when the model has no classifier."""
+    """timm's bias index buffers (derived data, in older files) are dropped; so is the head's norm when the
+    model has no classifier (timm's head without classes has no norm either)."""
     own = model.state_dict()
-    out = {}
-    for k, v in state.items():
-        if k.endswith("attention_bias_idxs"):
-            continue
-        if k not in own and ".bn." in k:
-            renamed = k.replace(".bn.", ".norm.")
-            if renamed in own:
-                k = renamed
-            elif k.startswith("head.bn.") and not any(o.startswith("head.bn.") for o in own):
-                continue
-        out[k] = v
-    return out
+    headless = not any(o.startswith("head.bn.") for o in own)
+    return {
+        k: v for k, v in state.items()
+        if not k.endswith("attention_bias_idxs") and not (headless and k.startswith("head.bn."))
+    }
 
 
 EfficientViTMsra.checkpoint_filter = staticmethod(checkpoint_filter)

@@ -5,9 +5,8 @@ then a BatchNorm over the sum) from the channel mixer (a 1x1-conv MLP with GELU 
 squeeze-and-excitation on every other block. Stages after the first start with a down-sampling block; the
 classifier has a distillation head (two BatchNorm-Linear heads whose outputs are averaged at inference).
 
-Parameter names follow timm's checkpoints up to the project's layer names, mapped by ``checkpoint_filter``:
-conv-BN pairs are ``layers.ConvNorm`` (``conv``/``norm``; timm: ``c``/``bn``), the token mixer's outer norm is
-``norm`` (timm: ``bn``) and the heads are ``layers.conv_bn.NormLinear`` (``bn``/``linear``; timm: ``bn``/``l``).
+State-dict keys are timm's: conv-BN pairs are ``layers.ConvNorm`` under timm's names ``c``/``bn``, the token
+mixer's outer norm is ``bn`` and the heads are ``layers.conv_bn.NormLinear`` (``bn``/``l``).
 Only the current (non-"legacy") variants are provided.
 
 How this differs from timm:
@@ -66,8 +65,8 @@ VARIANTS = {
 DEFAULTS = FamilyDefaults(
     family="repvit",
     crop_pct=0.95,
-    first_conv="stem.conv1.conv",
-    classifier=("head.head.linear", "head.head_dist.linear"),
+    first_conv="stem.conv1.c",
+    classifier=("head.head.l", "head.head_dist.l"),
     # every stride-2 conv is padded: any size works
     size_divisor=1,
     min_input_size=1,
@@ -76,26 +75,29 @@ DEFAULTS = FamilyDefaults(
 )
 
 
+C_BN = ("c", "bn")  # timm's names for a conv-BN pair in RepViT
+
+
 class RepVggDw(nn.Module):
     """``norm(conv_kxk_bn(x) + conv_1x1(x) + x)`` on depth-wise convs; ``fuse()`` -> one k x k depth-wise conv."""
 
     def __init__(self, dim: int, kernel_size: int) -> None:
         super().__init__()
-        self.conv = ConvNorm(dim, dim, kernel_size, groups=dim)
+        self.conv = ConvNorm(dim, dim, kernel_size, groups=dim, names=C_BN)
         self.conv1 = nn.Conv2d(dim, dim, 1, groups=dim)
-        self.norm = nn.BatchNorm2d(dim)
+        self.bn = nn.BatchNorm2d(dim)
         self.dim = dim
         self.kernel_size = kernel_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.conv(x) + self.conv1(x) + x)
+        return self.bn(self.conv(x) + self.conv1(x) + x)
 
     def fuse(self) -> nn.Module:
         conv = self.conv.fuse() if isinstance(self.conv, ConvNorm) else self.conv  # the walker fuses it first
         k = (self.kernel_size, self.kernel_size)
         like = conv.weight
         parts = [branch_kernel(b, self.dim, self.dim, k, like) for b in (conv, self.conv1, nn.Identity())]
-        return fuse_conv_bn(sum_branches(conv, parts), self.norm)
+        return fuse_conv_bn(sum_branches(conv, parts), self.bn)
 
 
 class RepViTMlp(nn.Module):
@@ -103,9 +105,9 @@ class RepViTMlp(nn.Module):
 
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
-        self.conv1 = ConvNorm(dim, hidden, 1)
+        self.conv1 = ConvNorm(dim, hidden, 1, names=C_BN)
         self.act = nn.GELU()
-        self.conv2 = ConvNorm(hidden, dim, 1, bn_weight_init=0.0)
+        self.conv2 = ConvNorm(hidden, dim, 1, bn_weight_init=0.0, names=C_BN)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(self.act(self.conv1(x)))
@@ -130,8 +132,8 @@ class RepViTDownsample(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, mlp_ratio: int, kernel_size: int, drop_path: float) -> None:
         super().__init__()
         self.pre_block = RepViTBlock(in_dim, mlp_ratio, kernel_size, use_se=False, drop_path=drop_path)
-        self.spatial_downsample = ConvNorm(in_dim, in_dim, kernel_size, stride=2, groups=in_dim)
-        self.channel_downsample = ConvNorm(in_dim, out_dim, 1)
+        self.spatial_downsample = ConvNorm(in_dim, in_dim, kernel_size, stride=2, groups=in_dim, names=C_BN)
+        self.channel_downsample = ConvNorm(in_dim, out_dim, 1, names=C_BN)
         self.ffn = RepViTMlp(out_dim, out_dim * mlp_ratio)
         self.drop_path = DropPath(drop_path)
 
@@ -171,9 +173,9 @@ class RepViTStem(nn.Module):
 
     def __init__(self, in_chs: int, out_chs: int) -> None:
         super().__init__()
-        self.conv1 = ConvNorm(in_chs, out_chs // 2, 3, stride=2)
+        self.conv1 = ConvNorm(in_chs, out_chs // 2, 3, stride=2, names=C_BN)
         self.act1 = nn.GELU()
-        self.conv2 = ConvNorm(out_chs // 2, out_chs, 3, stride=2)
+        self.conv2 = ConvNorm(out_chs // 2, out_chs, 3, stride=2, names=C_BN)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -191,8 +193,8 @@ class DistilledClassifier(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.distilled_training = False
-        self.head = NormLinear(dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.head_dist = NormLinear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = NormLinear(dim, num_classes, linear_name="l") if num_classes > 0 else nn.Identity()
+        self.head_dist = NormLinear(dim, num_classes, linear_name="l") if num_classes > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, out_dist = self.head(x), self.head_dist(x)
@@ -209,7 +211,6 @@ class DistilledClassifier(nn.Module):
 
 
 class RepViT(Backbone):
-    checkpoint_filter = None  # set below
 
     def __init__(self, cfg: RepViTConfig, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
                  drop_path_rate: float | None = None, global_pool: str = "avg") -> None:
@@ -272,24 +273,6 @@ class RepViT(Backbone):
         if pre_logits:
             return x
         return self.head(x)
-
-
-def checkpoint_filter(state: dict[str, torch.Tensor], model: RepViT) -> dict[str, torch.Tensor]:
-    """timm names -> ours: ``.c.``/``.bn.`` of conv-BN pairs and the token mixer's ``bn`` -> ``.conv.``/``.norm.``;
-    the heads' ``l`` -> ``linear`` (their ``bn`` keeps its name)."""
-    own = model.state_dict()
-    out = {}
-    for k, v in state.items():
-        if k not in own:
-            if k.startswith("head."):
-                k = k.replace(".l.", ".linear.")
-            else:
-                k = k.replace(".c.", ".conv.").replace(".bn.", ".norm.")
-        out[k] = v
-    return out
-
-
-RepViT.checkpoint_filter = staticmethod(checkpoint_filter)
 
 
 @register_family(DEFAULTS, VARIANTS)
