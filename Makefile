@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: bench test install-bench install-dev lint
+.PHONY: bench test test-all install-bench install-dev lint
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,12 @@ install-dev: $(PY)
 bench: install-bench
 	$(PY) -m effivit bench $(ARGS)
 
+# The CI suite (under 20 minutes on 2 cores): everything but the tests marked slow (the large variants).
 test: install-dev
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+# Everything, the large variants included (about an hour on 2 cores).
+test-all: install-dev
 	$(PY) -m pytest -q $(ARGS)
 
 lint: install-dev

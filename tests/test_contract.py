@@ -1,10 +1,14 @@
 """Registry-wide contract: every registered model honours timm's model surface and the deploy guarantees.
 
 Capabilities are read from the registry (size rule, fixed size, distillation head), not from lists of
-exceptions. Per-model checks run at a small input size to keep the suite fast; the heavier deploy checks
-(TorchScript, ONNX Runtime, channels_last, autocast, training, detection necks) run on the smallest variant
-of each family. timm is the oracle where it has the same model name: state-dict keys, default tags, its
-optimizer factory.
+exceptions. Checks that need no weights (state-dict keys and counts against timm, default tags, timm's
+optimizer factory with layer decay) run for every registered model on the meta device. Checks that run the
+model (outputs, fused form, FX, meta build + assign, heads) run at a small input size for every model up to
+``LARGE_PARAMS`` and for the smallest variant of every family; the larger variants (the same code with wider
+or deeper configs) are marked ``slow``: ``make test-all`` runs them, ``make test`` does not. The heavier
+deploy checks (TorchScript, ONNX Runtime, channels_last, autocast, training, detection necks) run on the
+smallest variant of each family. Families whose partitions follow the build size (MaxViT) are built for the
+small input with ``img_size``, as timm users do.
 """
 
 from __future__ import annotations
@@ -27,27 +31,55 @@ timm = pytest.importorskip("timm")
 TIMM_MODELS = set(timm.list_models())
 
 
+SMALL = 64
+LARGE_PARAMS = 30e6
+
+
+def builds_for_size(name: str) -> bool:
+    """The size rule comes from the build size (MaxViT's window and grid partitions are img_size / 32)."""
+    return get_entry(name).defaults.size_divisor > SMALL
+
+
 def small_size(name: str) -> tuple[int, int]:
     """A small input the model takes: its training size when fixed, else the smallest multiple of its size
-    divisor from 64 up."""
+    divisor from 64 up (a model whose rule follows its build size is built for 64, see :func:`make`)."""
     entry = get_entry(name)
     d = entry.defaults
     if d.fixed_input_size:
         return tuple(entry.pretrained_cfg()["input_size"][1:])
+    if builds_for_size(name):
+        return SMALL, SMALL
     divisor = max(1, d.size_divisor)
-    s = divisor * math.ceil(max(64, d.min_input_size or 0) / divisor)
+    s = divisor * math.ceil(max(SMALL, d.min_input_size or 0) / divisor)
     return s, s
+
+
+def make(name: str, **kwargs) -> torch.nn.Module:
+    """``create_model`` for a model that takes :func:`small_size` inputs."""
+    if builds_for_size(name):
+        kwargs.setdefault("img_size", small_size(name))
+    return effivit.create_model(name, **kwargs)
+
+
+@functools.cache
+def param_count(name: str) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in effivit.create_model(name).parameters())
 
 
 @functools.cache
 def smallest_variant(family: str) -> str:
     """The family's variant with the fewest parameters (counted on the meta device)."""
+    return min(effivit.list_models(family=family), key=param_count)
 
-    def params(name: str) -> int:
-        with torch.device("meta"):
-            return sum(p.numel() for p in effivit.create_model(name).parameters())
 
-    return min(effivit.list_models(family=family), key=params)
+def running_models() -> list:
+    """Every model; those above LARGE_PARAMS that are not their family's smallest are marked slow."""
+    smallest = {smallest_variant(f) for f in FAMILIES}
+    return [
+        pytest.param(n, marks=pytest.mark.slow) if param_count(n) > LARGE_PARAMS and n not in smallest else n
+        for n in MODELS
+    ]
 
 
 def tolerance(reference: torch.Tensor, atol: float = 1e-4) -> float:
@@ -65,11 +97,11 @@ def test_registry_is_populated():
     assert len(FAMILIES) >= 9
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", running_models())
 def test_model_contract(name):
     """Outputs, fused form, heads, multi-scale features, FX, meta build, head round trip, train-mode output."""
     torch.manual_seed(0)
-    model = effivit.create_model(name).eval()
+    model = make(name).eval()
     randomize_norm_stats(model)
     cfg = model.pretrained_cfg
     for key in ("input_size", "mean", "std", "crop_pct", "interpolation", "first_conv", "classifier", "hf_hub_id"):
@@ -112,7 +144,7 @@ def test_model_contract(name):
 
     # Meta-device build, then to_empty + load_state_dict(assign=True): how large models load.
     with torch.device("meta"):
-        meta = effivit.create_model(name)
+        meta = make(name)
     assert all(p.is_meta for p in meta.parameters())
     meta = meta.to_empty(device="cpu")
     meta.load_state_dict(model.state_dict(), assign=True)
@@ -155,20 +187,20 @@ def test_model_contract(name):
         assert model(x).shape == (2, model.head_hidden_size)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", running_models())
 def test_pretrained_head_round_trip_and_feature_extractor(name):
     """A fine-tuned checkpoint with the same class count loads whole; num_classes=0 + pretrained works."""
     torch.manual_seed(0)
-    tuned = effivit.create_model(name, num_classes=10).eval()
+    tuned = make(name, num_classes=10).eval()
     randomize_norm_stats(tuned)
     h, w = small_size(name)
     x = torch.randn(1, 3, h, w)
     state = tuned.state_dict()
-    again = effivit.create_model(name, pretrained=state, num_classes=10).eval()
+    again = make(name, pretrained=state, num_classes=10).eval()
     with torch.no_grad():
         y = tuned(x)
         assert_close(again(x), y, tolerance(y), f"{name}: the 10-class head must load")
-        trunk = effivit.create_model(name, pretrained=state, num_classes=0).eval()
+        trunk = make(name, pretrained=state, num_classes=0).eval()
         expected = tuned.forward_head(tuned.forward_features(x), pre_logits=True)
         assert_close(trunk(x), expected, tolerance(expected), f"{name}: num_classes=0 + pretrained")
 
@@ -213,7 +245,7 @@ def test_timm_optimizer_factory_with_layer_decay(name):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bad_input_is_rejected(family):
     name = smallest_variant(family)
-    model = effivit.create_model(name).eval()
+    model = make(name).eval()
     cfg = model.pretrained_cfg
     divisor, minimum = cfg["size_divisor"], cfg["min_input_size"][-1]
     h, w = small_size(name)
@@ -235,8 +267,8 @@ def test_bad_input_is_rejected(family):
 def test_features_only_is_pruned_and_trains(family):
     name = smallest_variant(family)
     torch.manual_seed(0)
-    full = effivit.create_model(name)
-    backbone = effivit.create_model(name, features_only=True, out_indices=(-2, -1))
+    full = make(name)
+    backbone = make(name, features_only=True, out_indices=(-2, -1))
     h, w = small_size(name)
     with torch.no_grad():
         feats = backbone.eval()(torch.randn(2, 3, h, w))
@@ -244,7 +276,7 @@ def test_features_only_is_pruned_and_trains(family):
     assert [f.shape[1] for f in feats] == backbone.feature_info.channels() == backbone.out_channels
     assert [h // f.shape[-2] for f in feats] == backbone.feature_info.reduction() == backbone.strides
     # No head and no final norm left: every parameter is used (DDP's find_unused_parameters stays off).
-    first = effivit.create_model(name, features_only=True, out_indices=(0,))
+    first = make(name, features_only=True, out_indices=(0,))
     assert sum(p.numel() for p in first.parameters()) < sum(p.numel() for p in full.parameters()) / 2
     classifiers = full.pretrained_cfg["classifier"]
     classifiers = (classifiers,) if isinstance(classifiers, str) else classifiers
@@ -265,7 +297,7 @@ def test_timm_keywords(family, tmp_path):
     name = smallest_variant(family)
     entry = get_entry(name)
     torch.manual_seed(0)
-    ref = randomize_norm_stats(effivit.create_model(name)).eval()
+    ref = randomize_norm_stats(make(name)).eval()
     path = tmp_path / "w.safetensors"
     save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(path))
     h, w = small_size(name)
@@ -274,8 +306,8 @@ def test_timm_keywords(family, tmp_path):
         y = ref(x)
         for kwargs in (dict(checkpoint_path=path), dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path))),
                        dict(pretrained=path, scriptable=True, exportable=True, no_jit=False, cache_dir=tmp_path)):
-            assert_close(effivit.create_model(name, **kwargs).eval()(x), y, tolerance(y), f"{name} {kwargs}")
-        m64 = effivit.create_model(name, pretrained=path, dtype=torch.float64).eval()
+            assert_close(make(name, **kwargs).eval()(x), y, tolerance(y), f"{name} {kwargs}")
+        m64 = make(name, pretrained=path, dtype=torch.float64).eval()
         assert m64.forward_head(m64.forward_features(x.double())).dtype == torch.float64
         assert_close(m64(x.double()).float(), y, tolerance(y), f"{name} dtype=float64")
     meta = effivit.create_model(name, device="meta")
@@ -337,7 +369,7 @@ def test_fine_tuned_head_with_another_class_count_is_dropped_and_named(caplog):
 def test_torchscript_channels_last_autocast(family):
     name = smallest_variant(family)
     torch.manual_seed(0)
-    model = randomize_norm_stats(effivit.create_model(name)).eval()
+    model = randomize_norm_stats(make(name)).eval()
     h, w = small_size(name)
     x = torch.randn(2, 3, h, w)
     with torch.no_grad():
@@ -361,7 +393,7 @@ def test_onnx_runtime_parity(family, tmp_path):
     pytest.importorskip("onnxruntime")
     name = smallest_variant(family)
     torch.manual_seed(0)
-    model = fuse(randomize_norm_stats(effivit.create_model(name)).eval())
+    model = fuse(randomize_norm_stats(make(name)).eval())
     h, w = small_size(name)
     # export_onnx runs the exported graph in ONNX Runtime and raises if it differs from PyTorch.
     path = export_onnx(model, tmp_path / f"{name}.onnx", img_size=(h, w), dynamic_batch=True)
@@ -372,7 +404,7 @@ def test_onnx_runtime_parity(family, tmp_path):
 def test_trains_with_drop_path_and_grad_checkpointing(family):
     name = smallest_variant(family)
     torch.manual_seed(0)
-    model = effivit.create_model(name, num_classes=5, drop_path_rate=0.2).train()
+    model = make(name, num_classes=5, drop_path_rate=0.2).train()
     # Some references zero-init the last norm of each residual branch (no gradient reaches the branch at
     # step 0); non-trivial norm parameters make the test see the whole graph.
     randomize_norm_stats(model)
@@ -408,8 +440,8 @@ def test_detection_neck_trains(family):
 
     name = smallest_variant(family)
     torch.manual_seed(0)
-    body = effivit.create_model(name, features_only=True)
-    body = effivit.create_model(name, features_only=True, out_indices=min(3, len(body.out_indices)))
+    body = make(name, features_only=True)
+    body = make(name, features_only=True, out_indices=min(3, len(body.out_indices)))
     levels = len(body.out_indices)
 
     class Neck(torch.nn.Module):
@@ -472,10 +504,9 @@ def test_compiled_attention_bias_follows_training():
 
 def test_torch_compile_one_small_model():
     # Compiling costs about a minute per model on 2 cores: one small configuration proves the path.
-    name = min((smallest_variant(f) for f in FAMILIES),
-               key=lambda n: sum(p.numel() for p in effivit.create_model(n).parameters()))
+    name = min((smallest_variant(f) for f in FAMILIES), key=param_count)
     torch.manual_seed(0)
-    model = fuse(randomize_norm_stats(effivit.create_model(name)).eval())
+    model = fuse(randomize_norm_stats(make(name)).eval())
     h, w = small_size(name)
     x = torch.randn(1, 3, h, w)
     compiled = torch.compile(model)

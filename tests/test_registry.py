@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import effivit
-from effivit.registry import get_entry, list_families, reference_tables
+from effivit.registry import get_entry, reference_tables
 
 
 def test_list_models_patterns_and_tags():
