@@ -9,6 +9,16 @@ from torch import nn
 import effivit
 
 
+@pytest.fixture(autouse=True)
+def _fresh_torch_compile_state():
+    """Each test compiles from a clean slate. Every model shares ``Backbone.forward``, so dynamo's per-code
+    cache (8 entries) would otherwise fill with earlier tests' models and refuse a later ``fullgraph`` compile,
+    and compiled code of long-gone models would stay alive for the whole session."""
+    yield
+    if torch._dynamo.utils.counters["frames"]["total"]:  # noqa: SLF001 - only when something was compiled
+        torch._dynamo.reset()  # noqa: SLF001
+
+
 def randomize_norm_stats(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give every BatchNorm non-trivial statistics and affine parameters, so folds are really tested."""
     g = torch.Generator().manual_seed(seed)

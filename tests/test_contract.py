@@ -514,3 +514,17 @@ def test_torch_compile_one_small_model():
         y = model(x)
         yc = compiled(x)
     assert_close(yc, y, tolerance(y, 1e-3), f"{name} torch.compile")
+
+
+def test_many_families_compile_in_one_process():
+    """dynamo keeps at most 8 compiled entries per code object, then runs eager with only a warning: every
+    family has its own ``forward`` code, so a zoo benchmark compiles each of them (fullgraph: no fallback)."""
+    names = sorted((smallest_variant(f) for f in FAMILIES), key=param_count)[:9]
+    assert len({id(type(make(n)).forward.__code__) for n in names}) == len(names)  # code objects compare by value
+    for name in names:
+        model = make(name).eval()
+        x = torch.randn(1, 3, *small_size(name))
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        with torch.no_grad():
+            y = model(x)
+            assert_close(compiled(x), y, tolerance(y), f"{name} compiled after {names.index(name)} others")

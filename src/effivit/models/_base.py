@@ -5,6 +5,7 @@
 ``feature_info`` (a list of ``dict(num_chs, reduction, module)``) and ``pretrained_cfg``/``default_cfg``.
 """
 
+import types
 from typing import Any
 
 import torch
@@ -128,6 +129,17 @@ class Backbone(nn.Module):
     )
     # Modules that run only in forward_final (pruned with prune_norm=True).
     final_module_names: tuple[str, ...] = ("norm",)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "forward" not in cls.__dict__:
+            # torch.compile caches compiled frames per code object, at most 8 (recompile_limit), then runs
+            # eager with only a warning. One shared forward would let the 9th compiled family in a process
+            # (a zoo benchmark) fall back to eager; each family gets its own copy, as each timm class has.
+            shared = Backbone.forward
+            code = shared.__code__.replace(co_qualname=f"{cls.__qualname__}.forward")
+            cls.forward = types.FunctionType(code, shared.__globals__, "forward", shared.__defaults__,
+                                             shared.__closure__)
 
     def __init__(self, in_chans: int, num_classes: int, size_divisor: int, min_size: int | None = None) -> None:
         super().__init__()
