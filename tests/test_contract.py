@@ -461,7 +461,7 @@ def test_detection_neck_trains(family):
     detector = FasterRCNN(Neck(), num_classes=3, min_size=size, max_size=size, rpn_anchor_generator=anchors,
                           box_roi_pool=MultiScaleRoIAlign([str(i) for i in range(levels)], 7, 2),
                           rpn_batch_size_per_image=32, box_batch_size_per_image=32)
-    divisor = entry.defaults.size_divisor
+    divisor = SMALL if builds_for_size(name) else entry.defaults.size_divisor  # the rule of the model built
     detector.transform.size_divisible = divisor if divisor > 1 else 32
     images = [torch.rand(3, size, size) for _ in range(2)]
     targets = [dict(boxes=torch.tensor([[10.0, 12.0, 60.0, 70.0]]), labels=torch.tensor([1])) for _ in range(2)]
@@ -480,14 +480,17 @@ def test_detection_neck_trains(family):
 def test_compiled_attention_bias_follows_training():
     """torch.compile: a training step changes the bias tables; eval after it equals eager eval."""
     torch.manual_seed(0)
-    model = effivit.create_model("levit_128s", num_classes=4)
-    x = torch.randn(2, 3, 64, 64)
+    # LeViT zero-initialises the last norm of each residual branch (no gradient reaches the attention at
+    # step 0); non-trivial norm parameters let every table get one. 128 px: the last stage attends over
+    # 2x2 tokens (a softmax over a single key passes no gradient to its logits).
+    model = randomize_norm_stats(effivit.create_model("levit_128s", num_classes=4))
+    x = torch.randn(2, 3, 128, 128)
     compiled = torch.compile(model)
     model.eval()
     with torch.no_grad():
         before = compiled(x)
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
     tables = [m.attention_biases for m in model.modules() if hasattr(m, "attention_biases")]
     start = [t.detach().clone() for t in tables]
     compiled(x).logsumexp(-1).mean().backward()
@@ -498,7 +501,7 @@ def test_compiled_attention_bias_follows_training():
     with torch.no_grad():
         after_compiled = compiled(x)
         after_eager = model(x)
-    assert_close(after_compiled, after_eager, 1e-4, "compiled eval after a step == eager eval")
+    assert_close(after_compiled, after_eager, tolerance(after_eager), "compiled eval after a step == eager eval")
     assert (after_compiled - before).abs().max() > 1e-3, "the step changed nothing: the test would be vacuous"
 
 
