@@ -485,7 +485,9 @@ def test_compiled_attention_bias_follows_training():
     # 2x2 tokens (a softmax over a single key passes no gradient to its logits).
     model = randomize_norm_stats(effivit.create_model("levit_128s", num_classes=4))
     x = torch.randn(2, 3, 128, 128)
-    compiled = torch.compile(model)
+    # aot_eager: dynamo and AOT autograd decide what the graph reads (the bias branch under compile);
+    # inductor code generation is covered by test_torch_compile_one_small_model.
+    compiled = torch.compile(model, backend="aot_eager")
     model.eval()
     with torch.no_grad():
         before = compiled(x)
