@@ -252,32 +252,18 @@ def test_training_grad_checkpointing_and_drop_path():
         assert model.eval()(x).shape == (2, 5)
 
 
-def test_torch_compile_captures_one_graph():
-    """Dynamo captures eval and train in one graph each (no graph break) and AOT autograd differentiates it;
-    inductor's code generation for Hiera takes over ten minutes on 2 cores, so it runs in ``make test-all``."""
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_torch_compile(backend):
+    """Dynamo captures eval and train in one graph each (no graph break) and AOT autograd differentiates it.
+    Inductor's code generation for Hiera takes over ten minutes on 2 cores: that case runs in ``make test-all``."""
     torch.manual_seed(0)
     model = _randomize(effivit.create_model("hiera_tiny_224", num_classes=4))
     x = torch.randn(2, 3, 64, 96)
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
+    atol = 1e-4 if backend == "aot_eager" else 1e-3  # inductor reorders float sums
     with torch.no_grad():
         y = model.eval()(x)
-        assert_close(compiled(x), y, 1e-4 * max(1.0, float(y.abs().max())), "torch.compile (eval)")
-    model.train()
-    out = compiled(x)
-    out.logsumexp(-1).mean().backward()
-    assert model.pos_embed.grad is not None and model.pos_embed.grad.abs().sum() > 0
-
-
-@pytest.mark.slow
-def test_torch_compile_inductor():
-    # Inductor end to end, eval and train, on one small configuration (code generation is the slow part).
-    torch.manual_seed(0)
-    model = _randomize(effivit.create_model("hiera_tiny_224", num_classes=4))
-    x = torch.randn(2, 3, 64, 96)
-    compiled = torch.compile(model)
-    with torch.no_grad():
-        y = model.eval()(x)
-        assert_close(compiled(x), y, 1e-3 * max(1.0, float(y.abs().max())), "torch.compile (eval)")
+        assert_close(compiled(x), y, atol * max(1.0, float(y.abs().max())), f"torch.compile {backend} (eval)")
     model.train()
     out = compiled(x)
     out.logsumexp(-1).mean().backward()
