@@ -23,6 +23,7 @@ from conftest import assert_close, randomize_norm_stats
 
 import effivit
 from effivit.deploy import export_onnx, fuse
+from effivit.models._features import FeatureList
 from effivit.registry import get_entry, list_families
 
 MODELS = effivit.list_models()
@@ -212,6 +213,13 @@ def test_state_dict_keys_and_default_tag_equal_timms(name):
         theirs = timm.create_model(name)
     assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
     assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in theirs.parameters())
+    # features_only: timm's form (FeatureListNet: flattened modules, which torchvision's BackboneWithFPN reads;
+    # FeatureGetterNet: the model under ``model.``) and so timm's keys: a timm features_only checkpoint loads.
+    with torch.device("meta"):
+        ours_f = effivit.create_model(name, features_only=True)
+        theirs_f = timm.create_model(name, features_only=True)
+    assert isinstance(ours_f, FeatureList) == (type(theirs_f).__name__ == "FeatureListNet"), type(theirs_f)
+    assert sorted(ours_f.state_dict()) == sorted(theirs_f.state_dict())
     timm_tags = timm.models._registry._model_default_cfgs[name].tags  # noqa: SLF001 - timm's tag registry
     ours_tag = get_entry(name).default_tag
     if ours_tag is not None:
@@ -280,7 +288,16 @@ def test_features_only_is_pruned_and_trains(family):
     assert sum(p.numel() for p in first.parameters()) < sum(p.numel() for p in full.parameters()) / 2
     classifiers = full.pretrained_cfg["classifier"]
     classifiers = (classifiers,) if isinstance(classifiers, str) else classifiers
-    assert not any(k.startswith(tuple("model." + c for c in classifiers)) for k in backbone.state_dict())
+    heads = tuple(c.split(".")[0] for c in classifiers)  # FeatureList keys: head_fc.*; FeatureExtractor: model.head.*
+    assert not any(k.removeprefix("model.").startswith(heads) for k in backbone.state_dict())
+    if name in TIMM_MODELS:  # timm's features_only with the same weights gives the same maps
+        theirs = timm.create_model(name, features_only=True, out_indices=(-2, -1)).eval()
+        ours = effivit.create_model(name, features_only=True, out_indices=(-2, -1))
+        effivit.load_checkpoint(ours, theirs.state_dict())  # timm's features_only keys
+        x = torch.randn(1, *theirs.pretrained_cfg["input_size"])  # timm's size (not all of timm's take others)
+        with torch.no_grad():
+            for a, b in zip(ours.eval()(x), theirs.eval()(x), strict=True):
+                assert_close(a, b, tolerance(b), f"{name}: features_only vs timm's")
     backbone.train().set_grad_checkpointing(True)
     out = backbone(torch.randn(2, 3, h, w))
     sum(o.float().square().mean() for o in out).backward()
@@ -427,14 +444,17 @@ def test_trains_with_drop_path_and_grad_checkpointing(family):
 def test_detection_neck_trains(family):
     """``features_only`` into torchvision's FPN + Faster R-CNN: one training step, one inference step.
 
-    The neck is what torchvision's ``BackboneWithFPN`` builds (``FeaturePyramidNetwork`` with
-    ``LastLevelMaxPool``) on top of our ``features_only`` body instead of its ``IntermediateLayerGetter``
-    (which can only read a model's direct children).
+    Models whose stages form a chain of maps (``FeatureList``, timm's ``FeatureListNet`` form) go into
+    torchvision's own ``BackboneWithFPN``, whose ``IntermediateLayerGetter`` reads the extractor's modules by
+    name. Models that pass tokens between stages (plain ViTs, Hiera, LeViT's linear form) cannot be read that
+    way (neither can timm's ``FeatureGetterNet``); they feed the same neck (``FeaturePyramidNetwork`` +
+    ``LastLevelMaxPool``) through a four-line module.
     """
     from collections import OrderedDict
 
     from torchvision.models.detection import FasterRCNN
     from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -454,11 +474,21 @@ def test_detection_neck_trains(family):
         def forward(self, x):
             return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
 
+    if isinstance(body, FeatureList):
+        neck = BackboneWithFPN(body, {n: str(i) for i, n in enumerate(body.return_layers)},
+                               body.feature_info.channels(), 32)
+        with torch.no_grad():  # the getter runs the extractor's modules: the same maps as its forward
+            x = torch.randn(1, 3, *small_size(name))
+            body.eval()
+            for a, b in zip(neck.body(x).values(), body(x), strict=True):
+                assert torch.equal(a, b)
+    else:
+        neck = Neck()
     entry = get_entry(name)
     h, _ = small_size(name)
     size = h if entry.defaults.fixed_input_size else max(h, 128)
     anchors = AnchorGenerator(tuple((16 * 2**i,) for i in range(levels + 1)), ((0.5, 1.0, 2.0),) * (levels + 1))
-    detector = FasterRCNN(Neck(), num_classes=3, min_size=size, max_size=size, rpn_anchor_generator=anchors,
+    detector = FasterRCNN(neck, num_classes=3, min_size=size, max_size=size, rpn_anchor_generator=anchors,
                           box_roi_pool=MultiScaleRoIAlign([str(i) for i in range(levels)], 7, 2),
                           rpn_batch_size_per_image=32, box_batch_size_per_image=32)
     divisor = SMALL if builds_for_size(name) else entry.defaults.size_divisor  # the rule of the model built

@@ -172,10 +172,17 @@ def load_checkpoint(
     load that fails leaves the model untouched. A model built on the meta device gets the checkpoint's
     tensors assigned (``load_state_dict(assign=True)``).
     """
-    from .models._features import FeatureExtractor
+    from .models._features import FeatureExtractor, FeatureList
 
-    target = model.model if isinstance(model, FeatureExtractor) else model
     state = load_state_dict(source, cache_dir)
+    if isinstance(model, FeatureList):
+        target = model.checked_source_model()
+        state = model.to_model_keys(state)  # timm's FeatureListNet keys (stem_0.weight) -> the model's
+    elif isinstance(model, FeatureExtractor):
+        target = model.model
+        state = model.to_model_keys(state)  # timm's FeatureGetterNet keys (model.*) -> the model's
+    else:
+        target = model
     filt = _filter_for(target)
     if filt is not None:
         state = filt(state, target)
@@ -208,7 +215,7 @@ def load_checkpoint(
         own_heads = own_classifier
     missing = sorted(k for k in own if k not in state and k not in own_heads)
     unexpected = sorted(k for k in state if k not in own)
-    if isinstance(model, FeatureExtractor) and unexpected:
+    if isinstance(model, (FeatureExtractor, FeatureList)) and unexpected:
         # A feature extractor has been pruned (later stages, final norm, head): those weights have no place.
         _log.info("%s: %d checkpoint keys belong to parts a features_only model pruned: %s", name,
                   len(unexpected), _clip(unexpected))

@@ -17,7 +17,7 @@ from torch import nn
 
 from .checkpoint import HF_HUB_PREFIX, load_checkpoint
 from .models._base import check_input
-from .models._features import FeatureExtractor
+from .models._features import FeatureExtractor, FeatureList
 from .registry import ModelEntry, builder_kwargs, get_entry, split_model_name
 
 _log = logging.getLogger("effivit")
@@ -194,7 +194,7 @@ def create_model(
     if dtype is not None:
         model = model.to(dtype=dtype)
     if features_only:
-        return FeatureExtractor(model, out_indices)
+        return (FeatureList if model.feature_chain else FeatureExtractor)(model, out_indices)
     if out_indices is not None:
         raise ValueError("out_indices is only used with features_only=True")
     return model

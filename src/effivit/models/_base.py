@@ -129,6 +129,10 @@ class Backbone(nn.Module):
     )
     # Modules that run only in forward_final (pruned with prune_norm=True).
     final_module_names: tuple[str, ...] = ("norm",)
+    # True when the top-level modules (nn.Sequential ones entry by entry) run one after the other on
+    # (B, C, H, W) maps from the image to the last stage: features_only then takes timm's FeatureListNet
+    # form (models/_features.py: FeatureList), which torchvision's BackboneWithFPN can read.
+    feature_chain: bool = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -240,6 +240,8 @@ class ConvNeXtStage(nn.Module):
 
 
 class ConvNeXt(Backbone):
+
+    feature_chain = True  # stem and stages pass (B, C, H, W) maps: timm's FeatureListNet form
     checkpoint_filter = None  # set below
 
     def __init__(self, cfg: ConvNeXtConfig, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,

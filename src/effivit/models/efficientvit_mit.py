@@ -225,6 +225,8 @@ class MitHead(nn.Module):
 
 
 class EfficientViTMit(Backbone):
+
+    feature_chain = True  # stem and stages pass (B, C, H, W) maps: timm's FeatureListNet form
     def __init__(self, cfg: EfficientViTMitConfig, num_classes: int = 1000, in_chans: int = 3,
                  drop_rate: float = 0.0, drop_path_rate: float = 0.0, global_pool: str = "avg") -> None:
         super().__init__(in_chans, num_classes, DEFAULTS.size_divisor, DEFAULTS.min_input_size)

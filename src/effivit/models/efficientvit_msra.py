@@ -400,6 +400,8 @@ class EfficientViTMsra(Backbone):
     """EfficientViT-MSRA. ``feature_info`` lists the three stages (strides 16, 32, 64): the stride-16 stem
     leaves no stride-4/8 level."""
 
+    feature_chain = True  # stem and stages pass (B, C, H, W) maps: timm's FeatureListNet form
+
     checkpoint_filter = None  # set below
 
     def __init__(self, cfg: EfficientViTMsraConfig, num_classes: int = 1000, in_chans: int = 3,

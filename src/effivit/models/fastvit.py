@@ -376,6 +376,8 @@ class FastViTStage(nn.Module):
 
 
 class FastViT(Backbone):
+
+    feature_chain = True  # stem and stages pass (B, C, H, W) maps: timm's FeatureListNet form
     checkpoint_filter = None  # set below (needs the function defined after the class)
     final_module_names = ("final_conv",)
 

@@ -311,6 +311,7 @@ class Levit(DistilledBackbone):
                  drop_path_rate: float | None = None, global_pool: str = "avg") -> None:
         super().__init__(in_chans, num_classes, DEFAULTS.size_divisor, global_pool)
         self.use_conv = cfg.use_conv
+        self.feature_chain = cfg.use_conv  # the linear form passes (B, N, C) tokens between stages
         self.drop_rate = drop_rate
         dp = cfg.drop_path_rate if drop_path_rate is None else drop_path_rate
         self.stem = Stem16(in_chans, cfg.embed_dim[0])

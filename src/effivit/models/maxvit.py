@@ -376,6 +376,8 @@ def _img_hw(img_size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
 class MaxViT(Backbone):
     """MaxViT (see the module docstring). ``img_size`` sets the partition size (img_size / 32 per axis)."""
 
+    feature_chain = True  # stem and stages pass (B, C, H, W) maps: timm's FeatureListNet form
+
     def __init__(self, cfg: MaxViTConfig, num_classes: int = 1000, in_chans: int = 3,
                  img_size: int | tuple[int, int] = 224, drop_rate: float = 0.0,
                  drop_path_rate: float | None = None, global_pool: str = "avg") -> None:

@@ -537,6 +537,8 @@ class NextTransformerBlock(nn.Module):
 
 
 class NextViT(Backbone):
+
+    feature_chain = True  # stem and stages pass (B, C, H, W) maps: timm's FeatureListNet form
     checkpoint_filter = None  # set below (needs the function defined after the class)
 
     def __init__(self, cfg: NextViTConfig, num_classes: int = 1000, in_chans: int = 3, attn: str = "original",

@@ -212,6 +212,8 @@ class DistilledClassifier(nn.Module):
 
 class RepViT(Backbone):
 
+    feature_chain = True  # stem and stages pass (B, C, H, W) maps: timm's FeatureListNet form
+
     def __init__(self, cfg: RepViTConfig, num_classes: int = 1000, in_chans: int = 3, drop_rate: float = 0.0,
                  drop_path_rate: float | None = None, global_pool: str = "avg") -> None:
         super().__init__(in_chans, num_classes, DEFAULTS.size_divisor, DEFAULTS.min_input_size)
