@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
         f"- geometric mean, new vs old (> 1: this tree faster): **{gm:.3f}x** over {len(rows)} cells",
         f"- cells where this tree is more than 5% slower than `{sha}`: {', '.join(slower) or 'none'}",
         "", "new vs old = median of per-round ratios old ms / new ms; timm/x likewise (> 1: faster than timm).",
+        "Why this section exists: ratios against timm written down on another machine of the same kind (its",
+        "GEMM rate 2x this one's) differ from today's for reasons that are not code; only the old and the new",
+        "code timed side by side, in one process, say whether a change slowed a model.",
     ]
     text = "\n".join(lines)
     print(text)
