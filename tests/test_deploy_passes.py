@@ -49,6 +49,45 @@ def test_onednn_linear_falls_back_when_the_private_op_fails(monkeypatch):
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("hardswish", [False, True])
+def test_onednn_linear_bf16_paths_equal_what_autocast_and_cast_weights_compute(monkeypatch, hardswish):
+    """bf16 autocast over fp32 weights and bf16 weights both run the packed kernel (the weight cast and packed
+    once, re-packed after an in-place update) and give what plain autocast / a plain bf16 Linear give."""
+    torch.manual_seed(0)
+    lin = nn.Linear(192, 576)
+    fast = C.OneDnnLinear(lin, hardswish=hardswish).eval()
+    if not fast._onednn_ok:
+        pytest.skip("this torch build has no oneDNN linear")
+    act = torch.nn.functional.hardswish if hardswish else (lambda t: t)
+    calls = []
+    run = C.OneDnnLinear._onednn_forward
+    monkeypatch.setattr(C.OneDnnLinear, "_onednn_forward", lambda self, t, d: calls.append(d) or run(self, t, d))
+    x = torch.randn(2, 197, 192)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        expected = act(lin(x))
+        out = fast(x)
+        assert calls == [torch.bfloat16] and out.dtype == torch.bfloat16
+        # bf16 rounding of a few hundred products may differ in the last bit between kernels: 2 ulp of bf16
+        torch.testing.assert_close(out.float(), expected.float(), atol=0.02, rtol=2 ** -7)
+    with torch.no_grad():
+        lin.weight.mul_(-1.0)
+    # a new autocast context: autocast's own cast cache (per context) would still hold the old weight
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        torch.testing.assert_close(fast(x).float(), act(lin(x)).float(), atol=0.02, rtol=2 ** -7)
+    half = C.OneDnnLinear(nn.Linear(192, 576).bfloat16(), hardswish=hardswish).eval()
+    calls.clear()
+    with torch.no_grad():
+        xb = x.bfloat16()
+        out = half(xb)
+        assert calls == [torch.bfloat16]
+        torch.testing.assert_close(out.float(), act(torch.nn.functional.linear(xb, half.weight, half.bias)).float(),
+                                   atol=0.02, rtol=2 ** -7)
+    calls.clear()
+    with torch.autocast("cpu", torch.float16), torch.no_grad():  # no packed fp16 kernel: plain autocast
+        torch.testing.assert_close(fast(x), act(lin(x)))
+    assert not calls
+
+
 @pytest.mark.parametrize("shape", [(1, 8, 4, 4), (1, 256, 12, 12)])  # below / above oneDNN's dilated threshold
 def test_pointwise_conv_equals_conv_in_fp32_and_bf16(shape):
     torch.manual_seed(0)

@@ -135,7 +135,8 @@ def test_cpu_pass_onednn_linears_match_timm_on_both_paths(monkeypatch):
         expected = ref(x)
     calls = []
     onednn_forward = OneDnnLinear._onednn_forward
-    monkeypatch.setattr(OneDnnLinear, "_onednn_forward", lambda self, t: calls.append(1) or onednn_forward(self, t))
+    monkeypatch.setattr(OneDnnLinear, "_onednn_forward",
+                        lambda self, t, d: calls.append(d) or onednn_forward(self, t, d))
     with torch.inference_mode():
         fast = fused(x)
     assert len(calls) == (len(linears) if onednn else 0)

@@ -216,7 +216,9 @@ class MaskUnitAttention(Attention):
         tokens = self.q_stride * self.window_size  # per mask unit, before pooling
         if self.use_mask_unit_attn:
             # Token n = t * units + u (t: position inside the unit, u: the unit): one unit per batch row.
-            x = x.reshape(b, tokens, -1, c).transpose(1, 2).reshape(-1, tokens, c)  # B*units, T, C
+            # B*units, T, C. contiguous(): for B = 1 the reshape is a strided view, and a Linear on a 3-D input
+            # it cannot flatten runs as a batched matmul with a copy of the weight per unit (3x slower here).
+            x = x.reshape(b, tokens, -1, c).transpose(1, 2).reshape(-1, tokens, c).contiguous()
         q, k, v = self.qkv_heads(x)  # each B', heads, T, head_dim
         if self.q_stride > 1:
             # The pooled offsets lead the token index (see ``unroll``): a max over that axis is the max-pool.
