@@ -9,9 +9,9 @@ timm's tests are not part of this repository (they are timm's code); point this 
 
 The substitution: ``timm.create_model`` / ``timm.list_models`` / ``timm.list_pretrained`` are replaced before
 the test module is imported. Listing keeps timm's filters and keeps only names effivit registers. Creation
-passes timm's arguments through; ``feature_cls``/``feature_cfg`` (timm's choice of feature wrapper) are
-dropped because effivit has one ``features_only`` implementation (the getter timm's FX and getter wrappers
-are checked against). effivit's EfficientViT-MIT joins timm's list of early-pooling heads, where timm's own
+passes timm's arguments through; ``feature_cls``/``feature_cfg`` (a request for one of timm's feature
+wrappers, e.g. its FX one) are dropped: effivit builds the form timm builds by default for the model
+(``FeatureList`` or ``FeatureExtractor``), which timm's tests then check. effivit's EfficientViT-MIT joins timm's list of early-pooling heads, where timm's own
 EfficientVit is. Tests of other models (naflexvit, gemma4, regnet) are deselected or fail by design.
 """
 
