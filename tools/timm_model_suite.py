@@ -11,7 +11,8 @@ The substitution: ``timm.create_model`` / ``timm.list_models`` / ``timm.list_pre
 the test module is imported. Listing keeps timm's filters and keeps only names effivit registers. Creation
 passes timm's arguments through; ``feature_cls``/``feature_cfg`` (a request for one of timm's feature
 wrappers, e.g. its FX one) are dropped: effivit builds the form timm builds by default for the model
-(``FeatureList`` or ``FeatureExtractor``), which timm's tests then check. effivit's EfficientViT-MIT joins timm's list of early-pooling heads, where timm's own
+(``FeatureList`` or ``FeatureExtractor``), which timm's tests then check. effivit's EfficientViT-MIT joins
+timm's list of early-pooling heads, where timm's own
 EfficientVit is. Tests of other models (naflexvit, gemma4, regnet) are deselected or fail by design.
 """
 
