@@ -324,6 +324,14 @@ def test_timm_keywords(family, tmp_path):
         for kwargs in (dict(checkpoint_path=path), dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path))),
                        dict(pretrained=path, scriptable=True, exportable=True, no_jit=False, cache_dir=tmp_path)):
             assert_close(make(name, **kwargs).eval()(x), y, tolerance(y), f"{name} {kwargs}")
+        # in_chans with RGB weights: 1 channel sums the filters (a grey image = the same image in RGB); 6
+        # channels repeat them scaled by 3/6 (an image given twice = the image once).
+        grey = x[:, :1]
+        y_grey = ref(grey.expand(-1, 3, -1, -1))
+        assert_close(make(name, pretrained=path, in_chans=1).eval()(grey), y_grey, tolerance(y_grey),
+                     f"{name} in_chans=1")
+        assert_close(make(name, pretrained=path, in_chans=6).eval()(x.repeat(1, 2, 1, 1)), y, tolerance(y),
+                     f"{name} in_chans=6")
         m64 = make(name, pretrained=path, dtype=torch.float64).eval()
         assert m64.forward_head(m64.forward_features(x.double())).dtype == torch.float64
         assert_close(m64(x.double()).float(), y, tolerance(y), f"{name} dtype=float64")
@@ -341,6 +349,37 @@ def test_timm_keywords(family, tmp_path):
         effivit.create_model(name, scriptable="yes")
     with pytest.raises(ValueError, match="dtype"):
         effivit.create_model(name, dtype=torch.int8)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if smallest_variant(f) in TIMM_MODELS])
+def test_pretrained_in_chans_adapts_as_timm(family, tmp_path, caplog):
+    """``pretrained=..., in_chans=1/5``: the same first-layer weights as timm's, so the same outputs."""
+    from safetensors.torch import save_file
+
+    name = smallest_variant(family)
+    torch.manual_seed(0)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model(name).state_dict().items()}, str(path))
+    size = timm.create_model(name, pretrained=False).pretrained_cfg["input_size"][1:]
+    for in_chans in (1, 5):
+        x = torch.randn(1, in_chans, *size)
+        with caplog.at_level("INFO", logger="effivit"):
+            ours = effivit.create_model(name, pretrained=path, in_chans=in_chans).eval()
+        assert f"to {in_chans} input channels" in caplog.text
+        theirs = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                                   in_chans=in_chans).eval()
+        with torch.no_grad():
+            y = theirs(x)
+            assert_close(ours(x), y, tolerance(y), f"{name} in_chans={in_chans}")
+
+
+def test_adapt_input_conv_rejects_what_it_cannot_adapt():
+    from effivit.checkpoint import adapt_input_conv
+
+    with pytest.raises(ValueError, match="in_chans must be >= 1"):
+        adapt_input_conv(torch.zeros(4, 3, 3, 3), 0)
+    with pytest.raises(ValueError, match="3 input channels"):
+        adapt_input_conv(torch.zeros(4, 2, 3, 3), 1)
 
 
 def test_hf_hub_model_names_resolve_offline(tmp_path, monkeypatch):

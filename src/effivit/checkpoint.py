@@ -151,6 +151,7 @@ def load_checkpoint(
     strict: bool = True,
     drop_classifier: bool = False,
     adapt_classifier: bool = False,
+    adapt_input_channels: bool = False,
     cache_dir: str | os.PathLike | None = None,
 ) -> nn.Module:
     """Load weights into ``model`` and return it.
@@ -166,6 +167,10 @@ def load_checkpoint(
       checkpoint has as many classes as the model, and otherwise keeps the model's new head, logging the
       dropped keys on the ``effivit`` logger;
     - ``drop_classifier=True`` always keeps the model's head.
+
+    ``adapt_input_channels=True`` (what ``create_model(..., pretrained=..., in_chans=N)`` uses) loads RGB
+    weights into a model built for another number of input channels: every convolution that reads the image
+    (a checkpoint weight with 3 input channels where the model's has N) gets :func:`adapt_input_conv`.
 
     Missing, unexpected or mis-shaped keys raise :class:`CheckpointError` listing them (when ``strict``).
     Nothing is copied until everything has been checked and converted to the model's dtypes and devices, so a
@@ -188,6 +193,8 @@ def load_checkpoint(
         state = filt(state, target)
     own = target.state_dict()
     name = target.pretrained_cfg.get("architecture", type(target).__name__)
+    if adapt_input_channels:
+        state = _adapt_input_convs(state, own, name)
     classifiers = _classifier_names(target)
     own_heads: set[str] = set()
     own_heads: set[str] = set()
@@ -261,6 +268,43 @@ def load_checkpoint(
         raise CheckpointError(f"could not convert the checkpoint's tensors for model {name!r}: {e}") from e
     target.load_state_dict(prepared, strict=False, assign=on_meta)
     return model
+
+
+def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """RGB filters ``(out, 3, ...)`` for an ``in_chans``-channel input (timm's convention, so weights agree).
+
+    One channel: the three filters summed (a grey image then gives what the RGB model gives for that image
+    in all three channels). More channels: the RGB filters repeated over the new channels and scaled by
+    ``3 / in_chans`` (the response's scale is kept; exact for multiples of 3 channels holding the same image).
+    """
+    if in_chans < 1:
+        raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+    if weight.dim() < 3 or weight.shape[1] != 3:
+        raise ValueError(f"expected a convolution weight with 3 input channels, got shape {tuple(weight.shape)}")
+    work = weight.float()
+    if in_chans == 1:
+        work = work.sum(dim=1, keepdim=True)
+    else:
+        reps = (in_chans + 2) // 3
+        work = work.repeat(1, reps, *([1] * (weight.dim() - 2)))[:, :in_chans] * (3.0 / in_chans)
+    return work.to(weight.dtype)
+
+
+def _adapt_input_convs(state: dict[str, torch.Tensor], own: Mapping[str, torch.Tensor], name: str
+                       ) -> dict[str, torch.Tensor]:
+    """Adapt the checkpoint's image-reading convolutions to the model's number of input channels."""
+    adapted = {}
+    for k, v in state.items():
+        ref = own.get(k)
+        if (ref is not None and v.is_floating_point() and v.dim() >= 3 and v.dim() == ref.dim()
+                and v.shape[1] == 3 and ref.shape[1] != 3 and v.shape[0] == ref.shape[0]
+                and v.shape[2:] == ref.shape[2:]):
+            adapted[k] = adapt_input_conv(v, ref.shape[1])
+    if adapted:
+        _log.info("%s: adapted %d RGB input convolution(s) to %d input channels: %s", name, len(adapted),
+                  next(iter(own[k] for k in adapted)).shape[1], _clip(sorted(adapted)))
+        state = {**state, **adapted}
+    return state
 
 
 def _clip(items: list[str], n: int = 12) -> str:

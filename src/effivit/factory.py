@@ -135,6 +135,9 @@ def create_model(
         model is always scriptable (``torch.jit.script``) and exportable (ONNX, ``torch.export``), through the
         same code path, and none uses custom JIT-compiled ops.
     num_classes: classes of the classifier (0: no classifier, ``forward`` returns pooled features).
+    in_chans: input channels; with pretrained RGB weights the convolutions that read the image are adapted
+        as timm adapts them (``checkpoint.adapt_input_conv``: summed for 1 channel, repeated and rescaled
+        for more).
     img_size: the input size (int or (H, W)) the model is set up for: it must satisfy the architecture's
         size rule; it sets ``pretrained_cfg['input_size']`` and prepares size-dependent tables.
     features_only / out_indices: return a backbone whose forward gives the feature maps of those stages (the
@@ -186,9 +189,8 @@ def create_model(
         model.set_input_size(cfg["input_size"][1:])
     if pretrained is not False and pretrained is not None:
         source = _weights_source(model_name, cfg) if pretrained is True else pretrained
-        if in_chans != 3:
-            raise ValueError(f"pretrained weights take 3 input channels; got in_chans={in_chans}")
-        load_checkpoint(model, source, adapt_classifier=True, cache_dir=cache_dir)
+        load_checkpoint(model, source, adapt_classifier=True, adapt_input_channels=in_chans != 3,
+                        cache_dir=cache_dir)
     if checkpoint_path is not None:
         load_checkpoint(model, checkpoint_path, cache_dir=cache_dir)
     if dtype is not None:
