@@ -51,7 +51,8 @@ PATHS = [("eager", "bf16"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"), ("
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "coins", "moon", "horse", "immunohistochemistry",
           "hubble_deep_field", "colorwheel", "logo", "brick", "grass", "gravel", "page", "text", "clock")
 TARGET = {"bf16": 0.2, "fp16": 0.2, "fp32": 0.0, "int8": 1.0}
-PER_IMAGE = 100 / 359
+VAL_IMAGES = 359  # the digits validation split
+PER_IMAGE = 100 / VAL_IMAGES
 LEARNED_PCT = 50.0  # fp32 digits top-1 below this: the model did not learn, its rows are not evidence
 
 
@@ -206,6 +207,7 @@ def _evaluate_model(name: str, workdir: Path, log) -> list[dict]:
                 "photo_agree": f"{int((out_p.argmax(-1) == ref_p.argmax(-1)).sum())}/{len(photo_names)}",
                 "photo_max_err": float((out_p - ref_p).abs().max() / ref_p.abs().max()),
                 "seconds": round(time.time() - t0, 1),
+                "changed": _changed(ref_v, out_v),
             }
             rows.append(row)
             log(f"{name} {backend} {dtype} {row['policy']}: top-1 {top1:.2f} (fp32 {top1_ref:.2f}, drop "
@@ -213,6 +215,18 @@ def _evaluate_model(name: str, workdir: Path, log) -> list[dict]:
             if dtype == "int8" and row["drop_pts"] > TARGET["int8"] and strict not in policies and declared != strict:
                 policies.append(strict)
     return rows
+
+
+def _changed(ref: torch.Tensor, out: torch.Tensor) -> list[dict]:
+    """The digits whose prediction the path changed, with fp32's top-2 margin there and that margin's rank
+    among all images (rank 1: the closest call of the set): a change at a near-tie is rounding, not damage."""
+    top2 = ref.topk(2, dim=-1).values
+    margin = top2[:, 0] - top2[:, 1]
+    order = margin.argsort()
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(1, len(order) + 1)
+    idx = (ref.argmax(-1) != out.argmax(-1)).nonzero().flatten().tolist()
+    return [{"image": i, "fp32_margin": round(float(margin[i]), 5), "margin_rank": int(rank[i])} for i in idx]
 
 
 def evaluate(workdir: Path, only: list[str] | None = None, skip_done: bool = False) -> list[dict]:
@@ -257,6 +271,10 @@ def _frac(text: str) -> float:
     return int(a) / max(int(b), 1)
 
 
+def _ordinal(n: int) -> str:
+    return "" if n == 1 else f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')} "
+
+
 def markdown(rows: list[dict], argv: list[str]) -> str:
     ok = [r for r in rows if "error" not in r]
     lines = [
@@ -287,7 +305,11 @@ def markdown(rows: list[dict], argv: list[str]) -> str:
         if r["top1_fp32"] < LEARNED_PCT:
             verdict, met = "not evidence: the model did not learn (fp32 at chance)", True
         if not met and r.get("declared", True):
-            misses.append(f"{r['model']} {r['backend']} {r['dtype']} ({r['drop_pts']:+.2f} pts)")
+            changed = r.get("changed", [])
+            why = "; ".join(f"image {c['image']}: fp32 top-2 margin {c['fp32_margin']:.3g} logits, the "
+                            f"{_ordinal(c['margin_rank'])}smallest of {VAL_IMAGES}" for c in changed[:3])
+            misses.append(f"{r['model']} {r['backend']} {r['dtype']} ({r['drop_pts']:+.2f} pts"
+                          + (f"; {len(changed)} prediction(s) changed: {why}" if changed else "") + ")")
         lines.append(f"| {r['model']} | {r['backend']} {r['dtype']} | {r.get('policy') or '-'} | {r['top1_fp32']:.2f} | "
                      f"{r['top1']:.2f} | {r['drop_pts']:+.2f} | {r['digits_agree_pct']:.1f} | {r['photo_agree']} | "
                      f"{r['photo_max_err']:.3f} | {verdict} |")
