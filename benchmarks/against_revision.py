@@ -24,9 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, exact_command, header, measure_ceiling, write_section  # noqa: E402
-
 import torch  # noqa: E402
+from _common import ROOT, exact_command, header, measure_ceiling, write_section  # noqa: E402
 
 from effivit.bench.compare import build_pair  # noqa: E402
 from effivit.bench.report import format_table  # noqa: E402

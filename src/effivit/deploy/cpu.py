@@ -25,8 +25,6 @@ The choices, measured on the 2-core AMD EPYC (AVX-512, bf16, VNNI) this project 
 
 from __future__ import annotations
 
-from typing import Optional, Tuple  # noqa: UP035 - TorchScript reads the type comments below
-
 import torch
 import torch.nn.functional as F
 from torch import nn
