@@ -283,6 +283,11 @@ def test_features_only_is_pruned_and_trains(family):
     assert len(feats) == 2
     assert [f.shape[1] for f in feats] == backbone.feature_info.channels() == backbone.out_channels
     assert [h // f.shape[-2] for f in feats] == backbone.feature_info.reduction() == backbone.strides
+    if isinstance(backbone, FeatureList):  # timm's FeatureListNet form scripts, as the whole model does
+        x = torch.randn(2, 3, h, w)
+        with torch.no_grad():
+            for a, b in zip(torch.jit.script(backbone)(x), backbone(x), strict=True):
+                assert_close(a, b, tolerance(b), f"{name}: scripted features_only")
     # No head and no final norm left: every parameter is used (DDP's find_unused_parameters stays off).
     first = make(name, features_only=True, out_indices=(0,))
     assert sum(p.numel() for p in first.parameters()) < sum(p.numel() for p in full.parameters()) / 2

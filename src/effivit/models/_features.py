@@ -23,7 +23,26 @@ class FeatureInfo(list):
         return self[idx]["module"] if idx is not None else [f["module"] for f in self]
 
 
-class FeatureExtractor(nn.Module):
+class _FeatureOutputs:
+    """What both ``features_only`` forms report: timm's ``default_cfg`` alias and torchvision's ``out_channels``
+    (read by detection necks), plus the strides; TorchScript leaves these properties out."""
+
+    __jit_unused_properties__ = ["default_cfg", "out_channels", "strides"]
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        return self.pretrained_cfg
+
+    @property
+    def out_channels(self) -> list[int]:
+        return self.feature_info.channels()
+
+    @property
+    def strides(self) -> list[int]:
+        return self.feature_info.reduction()
+
+
+class FeatureExtractor(_FeatureOutputs, nn.Module):
     """Wraps a model; ``forward`` returns the feature maps after the stages in ``out_indices``.
 
     The model is pruned first (``prune_intermediate_layers``, timm's contract): stages after the last one
@@ -44,18 +63,6 @@ class FeatureExtractor(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
 
-    @property
-    def default_cfg(self) -> dict[str, Any]:
-        return self.pretrained_cfg
-
-    @property
-    def out_channels(self) -> list[int]:
-        return self.feature_info.channels()
-
-    @property
-    def strides(self) -> list[int]:
-        return self.feature_info.reduction()
-
     def to_model_keys(self, state: dict[str, Any]) -> dict[str, Any]:
         """A state dict of this extractor (``model.`` + the model's keys, as timm's ``FeatureGetterNet``)
         with the model's keys; a full-model state dict passes unchanged."""
@@ -69,7 +76,7 @@ class FeatureExtractor(nn.Module):
         )
 
 
-class FeatureList(nn.ModuleDict):
+class FeatureList(_FeatureOutputs, nn.ModuleDict):
     """``features_only`` for models whose stem and stages are a chain of (B, C, H, W) maps: timm's
     ``FeatureListNet`` form.
 
@@ -85,8 +92,6 @@ class FeatureList(nn.ModuleDict):
     (shared, not copied); ``load_checkpoint`` uses it to read full-model checkpoints and run the family's
     key filter.
     """
-
-    __jit_unused_properties__ = ["default_cfg", "out_channels", "strides"]
 
     def __init__(self, model: nn.Module, out_indices: int | list[int] | tuple[int, ...] | None = None) -> None:
         num_stages = len(model.feature_info)
@@ -127,18 +132,6 @@ class FeatureList(nn.ModuleDict):
         for m in self.modules():
             if hasattr(m, "grad_checkpointing"):
                 m.grad_checkpointing = enable
-
-    @property
-    def default_cfg(self) -> dict[str, Any]:
-        return self.pretrained_cfg
-
-    @property
-    def out_channels(self) -> list[int]:
-        return self.feature_info.channels()
-
-    @property
-    def strides(self) -> list[int]:
-        return self.feature_info.reduction()
 
     @torch.jit.ignore
     def checked_source_model(self) -> nn.Module:
