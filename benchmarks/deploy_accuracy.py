@@ -57,7 +57,7 @@ LEARNED_PCT = 50.0  # fp32 digits top-1 below this: the model did not learn, its
 
 
 def models() -> list[str]:
-    from effivit.bench.runner import smallest_per_family
+    from effivit.bench.specs import smallest_per_family
 
     return [s.name for s in smallest_per_family()]
 

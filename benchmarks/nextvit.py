@@ -113,7 +113,7 @@ def bf16_weights(model: nn.Module) -> nn.Module:
 
 def export_session(model: nn.Module, path: Path, size: int, threads: int | None):
     from effivit.deploy import export_onnx
-    from effivit.deploy.export import onnx_session
+    from effivit.deploy.formats import onnx_session
 
     with contextlib.redirect_stdout(io.StringIO()):
         export_onnx(model, path, img_size=size, dynamic_batch=False)

@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from effivit import registry
-from effivit.bench import report, runner
+from effivit.bench import report, runner, specs
 from effivit.bench.command import budget_lines
 from effivit.bench.flops import achieved_gflops, count_macs, count_params
 from effivit.bench.pareto import best_under_budget, pareto_front
-from effivit.bench.runner import RESULT_FIELDS, ModelSpec, Settings, run_benchmark
+from effivit.bench.runner import RESULT_FIELDS, Settings, run_benchmark
+from effivit.bench.specs import ModelSpec
 from effivit.bench.timing import Timing, gemm_rate, measure, paired, paired_ratio, percentile
 from effivit.cli import build_parser, main
 
@@ -353,18 +354,18 @@ def test_model_spec_parsing():
 
 
 def test_default_models_take_the_smallest_of_every_family():
-    specs = runner.default_models()
+    chosen = specs.default_models()
     fams = registry.list_families()
-    names = {s.name for s in specs}
+    names = {s.name for s in chosen}
     assert {registry.get_entry(n).family for n in names} == set(fams)
-    for s in specs:
+    for s in chosen:
         if s.kwargs:
             continue
         fam = registry.get_entry(s.name).family
-        mine = runner.param_count(s.name)
-        assert all(mine <= runner.param_count(n) for n in registry.list_models(family=fam))
+        mine = specs.param_count(s.name)
+        assert all(mine <= specs.param_count(n) for n in registry.list_models(family=fam))
     if "nextvit" in fams:
-        assert {dict(s.kwargs).get("attn") for s in specs if s.name == "nextvit_small"} == {"original", "bchw", "xca"}
+        assert {dict(s.kwargs).get("attn") for s in chosen if s.name == "nextvit_small"} == {"original", "bchw", "xca"}
 
 
 def test_cpu_peak_memory_includes_the_weights():
@@ -374,7 +375,7 @@ def test_cpu_peak_memory_includes_the_weights():
            "channels_last": False, "fused": True, "threads": 1, "onnx_path": ""}
     peak, note = measure_cpu_peak(job, timeout_s=120)
     assert peak is not None, note
-    m = runner.build_model(ModelSpec("nextvit_small"))
+    m = specs.build_model(ModelSpec("nextvit_small"))
     weights_mb = sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20
     assert weights_mb <= peak < weights_mb + 1024
     assert not math.isnan(peak)

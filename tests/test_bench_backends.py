@@ -19,7 +19,8 @@ from effivit.bench.backends import (
     register_backend,
     time_module,
 )
-from effivit.bench.runner import ModelSpec, Settings
+from effivit.bench.runner import Settings
+from effivit.bench.specs import ModelSpec
 
 
 def _block() -> nn.Module:

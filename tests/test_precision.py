@@ -92,7 +92,7 @@ def test_policy_keeps_fragile_layers_in_float(tmp_path):
     pytest.importorskip("onnxruntime")
     import onnx
 
-    from effivit.deploy.export import export_onnx
+    from effivit.deploy.formats import export_onnx
 
     model = _TinyViT().eval()
     path = export_onnx(model, tmp_path / "t.onnx", example=torch.randn(1, 3, 16, 16))

@@ -50,7 +50,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         key, eq, value = item.partition("=")
         if not eq:
             raise ValueError(f"--model-arg {item!r} must be KEY=VALUE")
-        from .bench.runner import _parse_value
+        from .bench.specs import _parse_value
 
         kwargs[key] = _parse_value(value)
     model = create_model(args.model, pretrained=args.checkpoint or False, **kwargs).eval()

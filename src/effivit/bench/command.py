@@ -132,7 +132,7 @@ def _expand_dtypes(args: argparse.Namespace, preset: dict[str, Any]) -> tuple[st
 
 
 def _specs_from_args(args: argparse.Namespace):
-    from .runner import ModelSpec, default_models, select_models
+    from .specs import ModelSpec, default_models, select_models
 
     preset = PRESETS.get(args.preset or "", {})
     if args.models:
@@ -140,7 +140,7 @@ def _specs_from_args(args: argparse.Namespace):
     if preset.get("models"):
         return select_models(preset["models"])
     if args.resolution_sweep:
-        from .runner import is_registered
+        from .specs import is_registered
 
         if is_registered("nextvit_small"):
             from ..models.nextvit import ATTN_KINDS

@@ -75,7 +75,7 @@ def _native_size(name: str) -> int:
 
 def _export(model: nn.Module, path: Path, size: int, threads: int | None):
     from ..deploy import export_onnx
-    from ..deploy.export import onnx_session
+    from ..deploy.formats import onnx_session
 
     with contextlib.redirect_stdout(io.StringIO()):
         export_onnx(model, path, img_size=size, dynamic_batch=True)

@@ -69,7 +69,7 @@ def _child(job: dict[str, Any]) -> dict[str, Any]:
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
     from .backends import Context, get_backend
-    from .runner import ModelSpec, build_model
+    from .specs import ModelSpec, build_model
 
     backend = get_backend(job["backend"])
     if backend.package:

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .formats import _img_hw, _in_chans, export_onnx
+
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 TARGETS = ("onnxruntime", "openvino")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -341,7 +343,6 @@ def quantize(
     """
     if target not in TARGETS:
         raise ValueError(f"target={target!r}; allowed: {list(TARGETS)}")
-    from .export import _img_hw, _in_chans, export_onnx
 
     if example is None:
         example = torch.zeros(1, _in_chans(model), *_img_hw(img_size))

@@ -19,7 +19,7 @@ from .base import Backend, BackendUnavailable, Context, Prepared, numpy_input, q
 
 def onnx_fp32(model: nn.Module, example: torch.Tensor, ctx: Context) -> Path:
     """The verified fp32 ONNX export of ``model`` at ``example``'s size, written once per context."""
-    from ...deploy.export import export_onnx
+    from ...deploy.formats import export_onnx
 
     def make() -> Path:
         with quiet():
@@ -31,7 +31,7 @@ def onnx_fp32(model: nn.Module, example: torch.Tensor, ctx: Context) -> Path:
 def session(path: Path, ctx: Context):
     import onnxruntime as ort
 
-    from ...deploy.export import onnx_session
+    from ...deploy.formats import onnx_session
 
     if ctx.device == "cpu":
         return onnx_session(path, threads=ctx.threads)

@@ -29,7 +29,7 @@ class TensorRtBackend(Backend):
                 ctx: Context | None = None) -> Prepared:
         ctx = ctx or Context(device="cuda")
         self.check(ctx.device, dtype)
-        from ...deploy.export import export_onnx
+        from ...deploy.formats import export_onnx
 
         with quiet():
             onnx_path = ctx.cached("onnx:static", lambda: export_onnx(
