@@ -18,7 +18,7 @@ from torch import nn
 
 from effivit import registry
 from effivit.bench import report, runner, specs
-from effivit.bench.command import budget_lines
+from effivit.bench.command import PRESETS, _settings_from_args, budget_lines, published_lines
 from effivit.bench.flops import achieved_gflops, count_macs, count_params
 from effivit.bench.pareto import best_under_budget, pareto_front
 from effivit.bench.runner import RESULT_FIELDS, Settings, run_benchmark
@@ -189,6 +189,28 @@ def test_budget_lines_answer_with_the_best_held_path():
     assert lines[0] == "budget 2 ms (224px batch 1): best top-1 70.0% with a in onnxruntime fp32 (0.50 ms)"
     assert "no model with a published top-1 fits; fastest is a (eager fp32) at 9.00 ms" in lines[1]
     assert "best top-1 80.0% with b in openvino bf16 (2.50 ms)" in budget_lines(rows, 3.0)[0]
+
+
+def test_nextvit_attn_preset_measures_the_published_setting_and_prints_the_published_figures():
+    args = build_parser().parse_args(["bench", "--preset", "nextvit-attn", "--device", "cpu"])
+    s = _settings_from_args(args)
+    assert (s.img_sizes, s.batch_sizes, s.dtypes) == ((224, 384), (8,), ("fp16",))
+    assert {"eager", "tensorrt"} <= set(s.backends)
+    if not torch.cuda.is_available():  # the preset's own device: a clear error where there is none
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            _settings_from_args(build_parser().parse_args(["bench", "--preset", "nextvit-attn"]))
+    published = PRESETS["nextvit-attn"]["published"]
+    base = {"status": "ok", "batch_size": 8, "dtype": "fp16"}
+    rows = [dict(base, label="nextvit_small:attn=original", backend="tensorrt", img_size=224, median_ms=2.0),
+            dict(base, label="nextvit_small:attn=original", backend="eager", img_size=224, median_ms=1.0),
+            dict(base, label="nextvit_small:attn=xca", backend="tensorrt", img_size=384, median_ms=8.0)]
+    lines = published_lines(rows, published)
+    assert lines[0] == "published (V100, TensorRT fp16, batch 8) beside this run:"
+    assert lines[1] == ("  attn=original 224px: 2.00 ms here (fp16, batch 8), 3.45 ms published, "
+                        "published / here 1.73")  # the TensorRT row, not the faster eager one
+    assert lines[2] == "  attn=original 384px: 7.75 ms published; TensorRT not measured here"
+    assert lines[3].startswith("  attn=xca 384px: 8.00 ms here") and lines[3].endswith("published / here 0.76")
+    assert published_lines(rows, None) == []
 
 
 def test_pareto_and_best_path_only_count_held_precisions():

@@ -21,7 +21,11 @@ SWEEP_SIZES = (224, 320, 448, 640, 768, 1024)
 PRESETS: dict[str, dict[str, Any]] = {
     # The setting of Next-ViT's published attention comparison: fp16, batch 8, on a GPU.
     "nextvit-attn": {"models": ["nextvit_small:attn=original", "nextvit_small:attn=bchw", "nextvit_small:attn=xca"],
-                     "dtype": ["fp16"], "backend": ["eager", "tensorrt"], "batch_size": [8], "device": "cuda"},
+                     "dtype": ["fp16"], "backend": ["eager", "tensorrt"], "batch_size": [8], "img_size": [224, 384],
+                     "device": "cuda",
+                     # Printed beside the measured TensorRT rows (the figures issue 12 cites for this setting).
+                     "published": {"where": "V100, TensorRT fp16, batch 8",
+                                   "ms": {("original", 224): 3.45, ("original", 384): 7.75, ("xca", 384): 6.09}}},
     # The fastest deployable path of each model: every runtime x precision installed here.
     "fastest": {"backend": ["all"], "dtype": ["all"]},
 }
@@ -97,7 +101,7 @@ def _settings_from_args(args: argparse.Namespace):
     device = args.device if args.device != "auto" else preset.get("device", "auto")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    sizes = args.img_size or (list(SWEEP_SIZES) if args.resolution_sweep else [224])
+    sizes = args.img_size or (list(SWEEP_SIZES) if args.resolution_sweep else preset.get("img_size", [224]))
     batches = args.batch_size or preset.get("batch_size", [1])
     cuda = device == "cuda"
     big = args.resolution_sweep  # large inputs: fewer calls, each is long
@@ -214,6 +218,24 @@ def winner_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     return out
 
 
+def published_lines(rows: Sequence[dict[str, Any]], published: dict[str, Any] | None) -> list[str]:
+    """The preset's published latencies beside the TensorRT rows measured for the same attention kind and size
+    (a published figure with no measured row is listed as not measured here)."""
+    if not published:
+        return []
+    out = [f"published ({published['where']}) beside this run:"]
+    for (attn, size), ms in sorted(published["ms"].items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        got = [r for r in rows if r.get("status") == "ok" and r.get("backend") == "tensorrt"
+               and r.get("img_size") == size and r.get("label", "").endswith(f"attn={attn}")]
+        if got:
+            r = min(got, key=lambda r: r["median_ms"])
+            out.append(f"  attn={attn} {size}px: {r['median_ms']:.2f} ms here ({r['dtype']}, batch "
+                       f"{r['batch_size']}), {ms:.2f} ms published, published / here {ms / r['median_ms']:.2f}")
+        else:
+            out.append(f"  attn={attn} {size}px: {ms:.2f} ms published; TensorRT not measured here")
+    return out
+
+
 def budget_lines(rows: Sequence[dict[str, Any]], budget_ms: float) -> list[str]:
     """For each size and batch, the best published top-1 under the budget over every (model, runtime,
     precision) whose accuracy is held (or that nothing fits)."""
@@ -312,7 +334,7 @@ def run_command(args: argparse.Namespace) -> int:
     rows = run_benchmark(specs, settings, progress=not args.no_progress)
     elapsed = time.perf_counter() - t0
     print_table(rows)
-    for line in winner_lines(rows):
+    for line in winner_lines(rows) + published_lines(rows, PRESETS.get(args.preset or "", {}).get("published")):
         print(line)
     if args.budget_ms is not None:
         for line in budget_lines(rows, args.budget_ms):
@@ -352,4 +374,5 @@ def command_line(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
-__all__ = ["add_parser", "budget_lines", "print_table", "run_command", "write_outputs", "command_line"]
+__all__ = ["add_parser", "budget_lines", "print_table", "published_lines", "run_command", "write_outputs",
+           "command_line"]
