@@ -3,6 +3,9 @@ timing an arbitrary module through any backend. Tiny modules and inputs keep thi
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -154,3 +157,61 @@ def test_openvino_sets_the_precision_it_was_asked_for(tmp_path):
     int8 = prepare("openvino", block, x, "int8", ctx)
     assert int8.artifact.suffix == ".xml" and int8.describe()["int8_layers"] == 1
     assert 0 < _rel_err(int8.run(x), ref) < 0.1
+    import gc
+
+    del fp32  # released in creation order: OpenVINO alone leaves this thread on an unmapped signal stack
+    gc.collect()
+    bf16 = None
+    gc.collect()
+    del int8
+    gc.collect()
+    assert _signal_stack_is_mapped(), "OpenVINO left this thread's alternate signal stack pointing at freed memory"
+
+
+def _signal_stack_is_mapped() -> bool:
+    """The current thread's alternate signal stack is disabled or lies inside a mapping of this process."""
+    from effivit.deploy.signal_stack import current_stack
+
+    cur = current_stack()
+    if cur is None or cur[2] & 2 or not cur[0]:  # unreadable, SS_DISABLE, or none
+        return True
+    with open("/proc/self/maps", encoding="utf-8") as f:
+        spans = [tuple(int(v, 16) for v in line.split()[0].split("-")) for line in f]
+    return any(lo <= cur[0] and cur[0] + cur[1] <= hi for lo, hi in spans)
+
+
+_RELEASE_IN_CREATION_ORDER = """
+import gc, os, signal, sys, time
+from pathlib import Path
+import torch
+from torch import nn
+from effivit.bench.backends import Context, prepare
+torch.manual_seed(0)
+block = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.GELU(), nn.Conv2d(16, 8, 1)).eval()
+x = torch.randn(1, 8, 7, 7)
+first = prepare("openvino", block, x, "fp32", Context(threads=1, workdir=Path(sys.argv[1]), key="a"))
+second = prepare("openvino", block, x, "fp32", Context(threads=2, workdir=Path(sys.argv[1]), key="b"))
+first.run(x), second.run(x)
+del first
+gc.collect()
+del second
+gc.collect()
+try:
+    os.kill(os.getpid(), signal.SIGINT)  # Python's handler runs on the alternate signal stack
+    time.sleep(1)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="OpenVINO's signal-stack setup is Linux-only")
+def test_openvino_models_released_in_creation_order_leave_signals_working(tmp_path):
+    """OpenVINO gives each compiled model its own alternate signal stack and puts the previous one back when
+    the model is released; released in creation order, the thread was left on an unmapped stack and the next
+    signal (Ctrl-C, a DataLoader's SIGCHLD) killed the process with SIGSEGV."""
+    pytest.importorskip("openvino")
+    script = tmp_path / "release.py"
+    script.write_text(_RELEASE_IN_CREATION_ORDER, encoding="utf-8")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "KeyboardInterrupt" in proc.stdout, \
+        f"exit status {proc.returncode} (-11 is SIGSEGV); stderr: {proc.stderr[-2000:]}"

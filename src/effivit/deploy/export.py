@@ -26,6 +26,7 @@ from .formats import (
     onnx_session,
 )
 from .precision import _batches, quantize, to_dtype
+from .signal_stack import openvino_signal_stack
 
 # --- one entry point for every target and precision -------------------------------------------------------------
 
@@ -198,7 +199,8 @@ def _export_openvino(model: nn.Module, out: Path, precision: str, example: torch
     config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     Path(fp32_onnx).unlink(missing_ok=True)
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(xml)), "CPU", config)
+    with openvino_signal_stack():
+        compiled = core.compile_model(core.read_model(str(xml)), "CPU", config)
     got_hint = compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
     if got_hint != hint:
         raise ExportError(f"OpenVINO compiled the IR at {got_hint}, not {hint}: this CPU does not offer {precision}")

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .formats import _img_hw, _in_chans, export_onnx
+from .signal_stack import openvino_signal_stack
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 TARGETS = ("onnxruntime", "openvino")
@@ -461,7 +462,7 @@ def _quantize_nncf(src: Path, dst: Path, batches: list[torch.Tensor], policy: Qu
     q, note = None, ""
     for fbc in (True, False):  # fast bias correction fails on a few graphs (NNCF reshapes a wrong array)
         try:
-            with _quiet_logs("nncf"):
+            with _quiet_logs("nncf"), openvino_signal_stack():
                 q = nncf.quantize(core.read_model(str(src)), dataset, subset_size=len(batches),
                                   preset=nncf.QuantizationPreset.MIXED,
                                   ignored_scope=nncf.IgnoredScope(names=keep, validate=False),

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...deploy.signal_stack import openvino_signal_stack
 from . import register_backend
 from .base import Backend, Context, Prepared, numpy_input, quiet
 from .onnxruntime import onnx_fp32
@@ -92,7 +93,8 @@ class OpenVinoBackend(Backend):
             if shape not in compiled:
                 m = source.clone()
                 m.reshape({m.inputs[0].get_any_name(): ov.PartialShape(list(shape))})
-                cm = core.compile_model(m, "CPU", config)
+                with openvino_signal_stack():  # models released in any order leave a valid signal stack
+                    cm = core.compile_model(m, "CPU", config)
                 compiled[shape] = (cm, cm.create_infer_request())
             return compiled[shape][1]
 
